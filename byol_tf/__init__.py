@@ -1,0 +1,1 @@
+"""byol-tf: BYOL self-supervised pretraining for TensorFlow / Keras 3."""

