@@ -18,6 +18,11 @@ from keras import ops
 DEFAULT_EXCLUDE_FROM_ADAPTATION = ("bias", "beta", "gamma")
 
 
+def _path(variable):
+    # Keras variables have a unique path ("model/dense/bias"); raw tf.Variables only a name.
+    return getattr(variable, "path", None) or variable.name
+
+
 @keras.saving.register_keras_serializable(package="byol_tf")
 class LARS(keras.optimizers.Optimizer):
     """Layer-wise adaptive rate scaling with momentum and L2 weight decay.
@@ -28,11 +33,13 @@ class LARS(keras.optimizers.Optimizer):
         weight_decay: L2 coefficient added to the gradient *before* the trust
             ratio (coupled, as in the reference; not Keras' decoupled decay).
         trust_coefficient: LARS eta, scales ``||w|| / ||g||``.
-        exclude_from_adaptation: Substrings of ``variable.path``; a variable
-            whose path contains any of them gets neither weight decay nor the
-            trust ratio. ``None`` means ``("bias", "beta", "gamma")``
-            (Dense/Conv biases, BatchNorm/LayerNorm offsets and scales);
-            ``[]`` adapts every variable.
+        exclude_from_adaptation: Substrings of ``variable.path`` (e.g.
+            ``"encoder/conv1_bn/gamma"``); a variable whose path contains any
+            of them gets neither weight decay nor the trust ratio. ``None``
+            means ``("bias", "beta", "gamma")`` (Dense/Conv biases,
+            BatchNorm/LayerNorm offsets and scales); ``[]`` adapts every
+            variable. The match is on the whole path, so model and layer
+            names must not contain these substrings.
         **kwargs: Passed to ``keras.optimizers.Optimizer`` (``name``,
             ``clipnorm``, ...). Its own ``weight_decay`` is not used.
     """
@@ -71,7 +78,7 @@ class LARS(keras.optimizers.Optimizer):
         self.momentums = self.add_optimizer_variables(variables, "momentum")
         # Decided once here, so update_step branches in Python, not in-graph.
         self._adapt = [
-            not any(p in variable.path for p in self.exclude_from_adaptation)
+            not any(p in _path(variable) for p in self.exclude_from_adaptation)
             for variable in variables
         ]
 

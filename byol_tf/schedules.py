@@ -66,7 +66,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         peak_learning_rate: Learning rate at the end of warm-up (already scaled
             by batch size, see ``scaled_learning_rate``).
         warmup_steps: Number of warm-up steps, >= 0.
-        total_steps: Total number of training steps, > ``warmup_steps``.
+        total_steps: Total number of training steps, >= ``warmup_steps`` and
+            >= 1. If equal, warm-up fills the run and the rate drops to
+            ``final_learning_rate`` after ``total_steps``.
         final_learning_rate: Learning rate at ``total_steps`` and after, in
             ``[0, peak_learning_rate]``.
 
@@ -79,7 +81,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     ):
         _check_float("peak_learning_rate", peak_learning_rate, 0.0)
         _check_int("warmup_steps", warmup_steps, 0)
-        _check_int("total_steps", total_steps, warmup_steps + 1)
+        _check_int("total_steps", total_steps, max(warmup_steps, 1))
         _check_float("final_learning_rate", final_learning_rate, 0.0, peak_learning_rate)
         self.peak_learning_rate = float(peak_learning_rate)
         self.warmup_steps = int(warmup_steps)
@@ -89,10 +91,10 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         peak, final = self.peak_learning_rate, self.final_learning_rate
-        # max(..., 1) only guards the division when warmup_steps == 0, where
-        # the warm-up branch is never selected.
+        # The max(..., 1) only guard divisions by zero in degenerate schedules
+        # (no warm-up, or no decay phase); they do not change any other value.
         warmup = peak * step / max(self.warmup_steps, 1)
-        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
         progress = tf.clip_by_value(progress, 0.0, 1.0)
         cosine = final + (peak - final) * 0.5 * (1.0 + tf.cos(math.pi * progress))
         return tf.where(step < self.warmup_steps, warmup, cosine)
