@@ -1,0 +1,216 @@
+"""Tests for byol_tf.byol: the train step, the EMA target update and distribution."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_tf import byol, losses, schedules
+
+IMAGE = 8
+
+
+def tiny_encoder(synchronized=False):
+    inputs = keras.Input((IMAGE, IMAGE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x)
+
+
+def tiny_mlp(input_dim, synchronized=False):
+    return keras.Sequential(
+        [
+            keras.Input((input_dim,)),
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized),
+            keras.layers.ReLU(),
+            keras.layers.Dense(8),
+        ]
+    )
+
+
+def tiny_model(total_steps=10, tau_base=0.9, num_classes=None, synchronized=False):
+    keras.utils.set_random_seed(1)
+    return byol.BYOLModel(
+        build_encoder=lambda: tiny_encoder(synchronized),
+        build_projector=lambda: tiny_mlp(4, synchronized),
+        build_predictor=lambda: tiny_mlp(8, synchronized),
+        image_size=IMAGE,
+        total_steps=total_steps,
+        tau_base=tau_base,
+        num_classes=num_classes,
+    )
+
+
+def random_batch(batch=8, seed=0, with_labels=True):
+    rng = np.random.default_rng(seed)
+    data = {
+        "view1": rng.uniform(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
+        "view2": rng.uniform(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
+    }
+    if with_labels:
+        data["label"] = rng.integers(0, 3, size=(batch,)).astype(np.int64)
+    return data
+
+
+def fit_steps(model, batch, steps=1):
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    return model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0).history
+
+
+def test_target_starts_as_copy_of_online():
+    model = tiny_model()
+    assert len(model.target_weights) == len(model.online_weights) > 0
+    for target, online in zip(model.target_weights, model.online_weights):
+        np.testing.assert_array_equal(target.numpy(), online.numpy())
+
+
+def test_target_is_not_trainable():
+    model = tiny_model(num_classes=3)
+    trainable = {id(v) for v in model.trainable_variables}
+    assert not trainable & {id(v) for v in model.target_weights}
+    online_trainable = model.online_encoder.trainable_weights + model.online_projector.trainable_weights
+    predictor = model.predictor.trainable_weights
+    probe = model.probe.trainable_weights
+    assert trainable == {id(v) for v in online_trainable + predictor + probe}
+
+
+def test_one_step_target_is_exact_ema_of_new_online():
+    model = tiny_model(total_steps=10, tau_base=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    old_target = [v.numpy().copy() for v in model.target_weights]
+    old_online = [v.numpy().copy() for v in model.online_weights]
+    logs = fit_steps(model, random_batch(with_labels=False))
+    tau = 0.9  # tau at step 0 is tau_base
+    np.testing.assert_allclose(logs["tau"][0], tau, rtol=1e-6)
+    moved = 0
+    for target, online, before, online_before in zip(
+        model.target_weights, model.online_weights, old_target, old_online
+    ):
+        expected = tau * before + (1 - tau) * online.numpy()
+        np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6, atol=1e-7)
+        moved += not np.allclose(online.numpy(), online_before)
+    # Online kernels, biases and BN statistics all moved, so the check above is not vacuous.
+    assert moved >= len(old_online) - 1
+
+
+def test_tau_follows_cosine_schedule_over_steps():
+    model = tiny_model(total_steps=4, tau_base=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    batch = random_batch(with_labels=False)
+    taus = []
+    for _ in range(4):
+        taus.append(fit_steps(model, batch)["tau"][0])
+    expected = [1 - 0.5 * (np.cos(np.pi * k / 4) + 1) / 2 for k in range(4)]
+    np.testing.assert_allclose(taus, expected, rtol=1e-6)
+
+
+def test_loss_metric_matches_manual_symmetric_loss():
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: nothing moves
+    batch = random_batch(with_labels=False)
+    online = lambda v: model.predictor(
+        model.online_projector(model.online_encoder(v, training=True), training=True), training=True
+    )
+    target = lambda v: model.target_projector(model.target_encoder(v, training=True), training=True)
+    # Same weights on both branches at start: compute the expected loss before the step
+    # (BN in training mode uses batch statistics, so moving-stat updates do not matter).
+    p1, p2 = online(batch["view1"]), online(batch["view2"])
+    z1, z2 = target(batch["view1"]), target(batch["view2"])
+    expected = np.mean(losses.regression_loss(p1, z2) + losses.regression_loss(p2, z1))
+    logs = fit_steps(model, batch)
+    np.testing.assert_allclose(logs["loss"][0], expected, rtol=1e-5)
+
+
+def test_online_probe_learns_only_from_labelled_examples():
+    model = tiny_model(num_classes=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    batch = random_batch()
+    batch["label"][: len(batch["label"]) // 2] = -1
+    logs = fit_steps(model, batch)
+    assert 0.0 <= logs["probe_accuracy"][0] <= 1.0
+    assert np.isfinite(logs["probe_loss"][0])
+    # All unlabelled: the probe gets no gradient at all.
+    model = tiny_model(num_classes=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [v.numpy().copy() for v in model.probe.weights]
+    batch["label"][:] = -1
+    fit_steps(model, batch)
+    for variable, old in zip(model.probe.weights, before):
+        np.testing.assert_array_equal(variable.numpy(), old)
+
+
+def test_encoder_is_the_online_encoder():
+    model = tiny_model()
+    images = np.random.default_rng(0).uniform(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
+    np.testing.assert_allclose(model(images), model.encoder(images, training=False), rtol=1e-6)
+    assert model.encoder is model.online_encoder
+
+
+def test_ema_update_closed_form():
+    targets = [keras.Variable(np.array([1.0, 2.0], np.float32)), keras.Variable(np.float32(-3.0))]
+    onlines = [keras.Variable(np.array([3.0, -2.0], np.float32)), keras.Variable(np.float32(5.0))]
+    byol.ema_update(targets, onlines, 0.75)
+    np.testing.assert_allclose(targets[0].numpy(), [0.75 * 1 + 0.25 * 3, 0.75 * 2 - 0.25 * 2])
+    np.testing.assert_allclose(targets[1].numpy(), 0.75 * -3 + 0.25 * 5)
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    from byol_tf import distribute
+    from byol_tf.config import DistributeConfig
+    mirrored = distribute.strategy_from_config(DistributeConfig(strategy="mirrored", num_cpu_devices=2))
+    import keras
+    sys.path.insert(0, "tests")
+    import test_byol as t
+
+    def run(strategy):
+        with strategy.scope():
+            model = t.tiny_model(num_classes=3, synchronized=True)
+            model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        logs = t.fit_steps(model, t.random_batch(batch=8), steps=2)
+        return logs, [v.numpy().tolist() for v in model.online_weights + model.target_weights]
+
+    default_logs, default_weights = run(tf.distribute.get_strategy())
+    mirrored_logs, mirrored_weights = run(mirrored)
+    print(json.dumps({"replicas": mirrored.num_replicas_in_sync,
+                      "default": [default_logs, default_weights],
+                      "mirrored": [mirrored_logs, mirrored_weights]}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_mirrored_two_cpus_matches_default_strategy():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    (default_logs, default_weights), (mirrored_logs, mirrored_weights) = result["default"], result["mirrored"]
+    for key in ("loss", "collapse_std", "probe_loss", "probe_accuracy", "tau"):
+        np.testing.assert_allclose(mirrored_logs[key], default_logs[key], atol=1e-5, err_msg=key)
+    assert len(default_weights) == len(mirrored_weights)
+    for mirrored_w, default_w in zip(mirrored_weights, default_weights):
+        np.testing.assert_allclose(mirrored_w, default_w, atol=1e-5)
+
+
+def test_global_collapse_std_equals_collapse_std_on_one_replica():
+    z = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
+    np.testing.assert_allclose(byol._global_collapse_std(z), losses.collapse_std(z), rtol=1e-5)
+    constant = np.ones((32, 16), np.float32)
+    assert float(byol._global_collapse_std(constant)) < 1e-4
