@@ -1,0 +1,124 @@
+"""Tests for byol_tf.config: loading, validation, overrides and the presets."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from byol_tf import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = ["smoke", "mnist5k", "cifar10_resnet18", "imagenet_resnet50"]
+
+
+def preset(name):
+    return os.path.join(ROOT, "configs", f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip(name, tmp_path):
+    cfg = config.load(preset(name))
+    path = tmp_path / "saved.yaml"
+    config.save(cfg, str(path))
+    assert config.load(str(path)) == cfg
+
+
+def test_imagenet_preset_matches_the_paper():
+    cfg = config.load(preset("imagenet_resnet50"))
+    assert cfg.network.encoder == "resnet50"
+    assert (cfg.network.projector_hidden_dim, cfg.network.projection_dim) == (4096, 256)
+    assert cfg.network.predictor_hidden_dim == 4096
+    assert (cfg.network.batchnorm_momentum, cfg.network.batchnorm_epsilon) == (0.9, 1e-5)
+    assert cfg.network.sync_batchnorm
+    assert cfg.data.batch_size == 4096
+    opt = cfg.optimizer
+    assert (opt.name, opt.momentum, opt.trust_coefficient) == ("lars", 0.9, 1e-3)
+    # 1000-epoch column of the paper's budget table.
+    assert (cfg.train.epochs, opt.base_learning_rate, opt.weight_decay, cfg.train.tau_base) == (
+        1000, 0.2, 1.5e-6, 0.996,
+    )
+    assert opt.warmup_epochs == 10
+    assert cfg.augment.image_size == 224
+    common = dict(
+        crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), flip_prob=0.5, color_jitter_prob=0.8,
+        brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2,
+        blur_sigma=(0.1, 2.0), solarize_threshold=0.5,
+    )
+    assert cfg.augment.view1 == config.ViewConfig(**common, blur_prob=1.0, solarize_prob=0.0)
+    assert cfg.augment.view2 == config.ViewConfig(**common, blur_prob=0.1, solarize_prob=0.2)
+
+
+def test_defaults_are_the_papers_two_views():
+    cfg = config.from_dict({})
+    assert (cfg.augment.view1.blur_prob, cfg.augment.view1.solarize_prob) == (1.0, 0.0)
+    assert (cfg.augment.view2.blur_prob, cfg.augment.view2.solarize_prob) == (0.1, 0.2)
+
+
+def test_partial_view_section_keeps_that_views_defaults():
+    cfg = config.from_dict({"augment": {"view2": {"flip_prob": 0.0}}})
+    assert cfg.augment.view2.flip_prob == 0.0
+    assert cfg.augment.view2.solarize_prob == 0.2  # view2's own default, not view1's
+
+
+def test_overrides_parse_yaml_values():
+    cfg = config.load(preset("smoke"), ["train.epochs=3", "augment.view1.crop_scale=[0.5, 1.0]", "data.cache=false"])
+    assert cfg.train.epochs == 3
+    assert cfg.augment.view1.crop_scale == (0.5, 1.0)
+    assert cfg.data.cache is False
+
+
+def test_configs_are_frozen():
+    cfg = config.from_dict({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 5
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"data": {"bogus": 1}}, r"^data\.bogus: unknown key"),
+        ({"nonsense": {}}, r"^nonsense: unknown key"),
+        ({"data": {"batch_size": -8}}, r"^data\.batch_size: -8 is outside the allowed range"),
+        ({"data": {"batch_size": 2.5}}, r"^data\.batch_size: expected an integer"),
+        ({"train": {"tau_base": 1.0}}, r"^train\.tau_base: 1\.0 is outside the allowed range \(0\.0, 1\.0\)"),
+        ({"train": {"tau_base": 0}}, r"^train\.tau_base"),
+        ({"augment": {"view1": {"crop_scale": [0.9, 0.2]}}}, r"^augment\.view1\.crop_scale: min 0\.9 is greater than max 0\.2"),
+        ({"augment": {"view2": {"solarize_prob": 1.5}}}, r"^augment\.view2\.solarize_prob"),
+        ({"data": {"source": "folder", "path": "/no/such/folder"}}, r"^data\.path: folder '/no/such/folder' does not exist"),
+        ({"data": {"source": "folder"}}, r"^data\.path: a path is required"),
+        ({"data": {"source": "tfrecord", "path": "/no/such/*.tfrecord"}}, r"^data\.path: no file matches"),
+        ({"data": {"source": "tfds"}}, r"^data\.name: a TFDS dataset name is required"),
+        ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),
+        ({"optimizer": {"base_learning_rate": 0}}, r"^optimizer\.base_learning_rate"),
+        ({"train": {"online_probe": "yes"}}, r"^train\.online_probe: expected true or false"),
+        ({"data": []}, r"^data: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_field(raw, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.from_dict(raw)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        config.load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        config.load(str(bad))
+    with pytest.raises(ValueError, match="must look like section.field=value"):
+        config.load(preset("smoke"), ["train.epochs"])
+
+
+def test_cli_reports_a_bad_config_in_one_line():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-m", "byol_tf.cli", "train", "--config", preset("smoke"), "--set", "data.batch_size=-1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "byol-tf train: error: data.batch_size: -1 is outside the allowed range [1, 1000000]"
