@@ -1,0 +1,215 @@
+"""Encoders and the projector / predictor MLP.
+
+Every encoder takes float32 images in [0, 1] of shape [B, S, S, 3], normalises them
+itself with fixed ImageNet channel statistics, and returns a global-average-pooled
+representation [B, d]. Normalising inside the model means an exported encoder takes
+the same [0, 1] images as the training pipeline, with no preprocessing to forget.
+
+Layers carry explicit names, so variable paths are deterministic and unique within a
+model: BYOL builds an online and a target copy and pairs their weights by position,
+and LARS recognises biases and BatchNorm parameters by the substrings 'bias', 'beta'
+and 'gamma' in a variable's path. No layer name here contains those substrings.
+
+All BatchNorm layers follow `NetworkConfig`: Keras `momentum` is the reference's decay
+(0.9), `epsilon` 1e-5, and `synchronized` averages batch statistics across replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+
+from byol_tf.config import NetworkConfig
+
+# ImageNet channel statistics for images in [0, 1]; used for every dataset so that
+# encoders are interchangeable and exported models share one input contract.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NORMALIZATION_LAYER_NAME = "normalize"
+
+# ResNet-18 (BasicBlock): blocks per stage and the stage widths at width_multiplier 1.
+RESNET18_BLOCKS = (2, 2, 2, 2)
+RESNET18_WIDTHS = (64, 128, 256, 512)
+
+# small_convnet: (filters at width_multiplier 1, stride) per conv layer.
+SMALL_CONVNET_LAYERS = ((32, 1), (64, 2), (128, 2), (256, 2))
+
+RESNET50_DIM = 2048
+
+
+def build_encoder(config: NetworkConfig, image_size: int, name: str = "encoder") -> keras.Model:
+    """Builds the encoder named by `config.encoder`.
+
+    Args:
+        config: the network section of the experiment config.
+        image_size: side S of the square input images [B, S, S, 3], values in [0, 1].
+        name: the Keras model name.
+
+    Returns:
+        A functional `keras.Model` mapping [B, S, S, 3] images to [B, d]
+        representations; `representation_dim(model)` gives d.
+
+    Raises:
+        ValueError: an unknown `network.encoder`, or `network.width_multiplier` != 1
+            for `resnet50`.
+    """
+    builders: dict[str, Callable[[NetworkConfig, int, str], keras.Model]] = {
+        "small_convnet": _small_convnet,
+        "resnet18_cifar": _resnet18_cifar,
+        "resnet50": _resnet50,
+    }
+    if config.encoder not in builders:
+        raise ValueError(
+            f"network.encoder: {config.encoder!r} is not one of {', '.join(repr(k) for k in builders)}"
+        )
+    return builders[config.encoder](config, image_size, name)
+
+
+def representation_dim(model: keras.Model) -> int:
+    """Size d of the representation [B, d] that an encoder from `build_encoder` returns."""
+    return int(model.outputs[0].shape[-1])
+
+
+def build_mlp(
+    hidden_dim: int,
+    output_dim: int,
+    config: NetworkConfig,
+    name: str,
+    input_dim: int | None = None,
+) -> keras.Sequential:
+    """Builds a BYOL projector or predictor: Linear -> BN -> ReLU -> Linear.
+
+    As in the reference, both Dense layers keep their biases and the output has no
+    BatchNorm (the loss normalises the output itself).
+
+    Args:
+        hidden_dim: width of the hidden layer (4096 in the paper).
+        output_dim: output width (256 in the paper).
+        config: the network section of the experiment config (BatchNorm settings).
+        name: the Keras model name; it prefixes the variable paths.
+        input_dim: when given, the weights are created now rather than on first call,
+            so that variable paths do not depend on where the MLP is first called.
+
+    Returns:
+        A `keras.Sequential` mapping [B, input_dim] to [B, output_dim].
+    """
+    layers = [
+        keras.layers.Dense(hidden_dim, name="linear1"),
+        _batch_norm(config, "bn1"),
+        keras.layers.ReLU(name="relu1"),
+        keras.layers.Dense(output_dim, name="linear2"),
+    ]
+    if input_dim is not None:
+        layers.insert(0, keras.Input(shape=(input_dim,), name=f"{name}_input"))
+    return keras.Sequential(layers, name=name)
+
+
+def _batch_norm(config: NetworkConfig, name: str) -> keras.layers.BatchNormalization:
+    return keras.layers.BatchNormalization(
+        momentum=config.batchnorm_momentum,
+        epsilon=config.batchnorm_epsilon,
+        synchronized=config.sync_batchnorm,
+        name=name,
+    )
+
+
+def _normalized_input(image_size: int) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
+    # Constants, not weights: nothing to copy to the target or to exclude from LARS.
+    normalized = keras.layers.Normalization(
+        axis=-1,
+        mean=list(IMAGENET_MEAN),
+        variance=[std**2 for std in IMAGENET_STD],
+        name=NORMALIZATION_LAYER_NAME,
+    )(inputs)
+    return inputs, normalized
+
+
+def _conv_bn(x, filters: int, kernel_size: int, strides: int, config: NetworkConfig, prefix: str, relu=True):
+    # No conv bias: the following BatchNorm's beta makes it redundant.
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+        name=f"{prefix}_conv",
+    )(x)
+    x = _batch_norm(config, f"{prefix}_bn")(x)
+    if relu:
+        x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
+    return x
+
+
+def _small_convnet(config: NetworkConfig, image_size: int, name: str) -> keras.Model:
+    """Four conv3x3-BN-ReLU layers, 32-64-128-256 (x width), strides 1-2-2-2, then GAP.
+
+    Sized for the CPU demo on 28x28 MNIST: the full-resolution first layer keeps thin
+    strokes, three stride-2 layers bring 28 -> 4 so the last (widest) layer is cheap,
+    and the receptive field (17 px) spans most of a digit. On 2 CPU cores one
+    forward+backward pass of a 128 x 28 x 28 batch takes 0.1-0.15 s, about half the
+    cost of a stride-1 fourth layer. d = 256 x width_multiplier.
+    """
+    inputs, x = _normalized_input(image_size)
+    for index, (filters, strides) in enumerate(SMALL_CONVNET_LAYERS, start=1):
+        x = _conv_bn(x, filters * config.width_multiplier, 3, strides, config, f"layer{index}")
+    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _basic_block(x, filters: int, strides: int, config: NetworkConfig, prefix: str):
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        # Projection shortcut (1x1 conv + BN) where the shape changes, as torchvision's.
+        shortcut = _conv_bn(x, filters, 1, strides, config, f"{prefix}_shortcut", relu=False)
+    x = _conv_bn(x, filters, 3, strides, config, f"{prefix}_1")
+    x = _conv_bn(x, filters, 3, 1, config, f"{prefix}_2", relu=False)
+    x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+    return keras.layers.ReLU(name=f"{prefix}_out")(x)
+
+
+def _resnet18_cifar(config: NetworkConfig, image_size: int, name: str) -> keras.Model:
+    """ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool; d = 512 x width."""
+    width = config.width_multiplier
+    inputs, x = _normalized_input(image_size)
+    # Small images: the ImageNet stem (7x7/2 conv + max-pool) would shrink 32 -> 8 at once.
+    x = _conv_bn(x, RESNET18_WIDTHS[0] * width, 3, 1, config, "stem")
+    for stage, (blocks, filters) in enumerate(zip(RESNET18_BLOCKS, RESNET18_WIDTHS), start=1):
+        for block in range(1, blocks + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            x = _basic_block(x, filters * width, strides, config, f"stage{stage}_block{block}")
+    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _resnet50(config: NetworkConfig, image_size: int, name: str) -> keras.Model:
+    """keras.applications' ResNet-50 (d = 2048) with our BatchNorm settings."""
+    if config.width_multiplier != 1:
+        raise ValueError(
+            f"network.width_multiplier: resnet50 comes from keras.applications, which has "
+            f"no width multiplier; got {config.width_multiplier}, only 1 is supported"
+        )
+    _, normalized = _normalized_input(image_size)
+    # Passing the normalised tensor as input_tensor gives one flat model whose input is
+    # the [0, 1] image, so the rebuild below keeps the normalisation in the graph.
+    base = keras.applications.ResNet50(
+        weights=None, include_top=False, pooling="avg", input_tensor=normalized
+    )
+    model_config = base.get_config()
+    model_config["name"] = name
+    # keras.applications passes its inputs as a one-element list; a bare tensor makes
+    # the model take a plain [B, S, S, 3] tensor like the other encoders.
+    (model_config["input_layers"],) = model_config["input_layers"]
+    for layer in model_config["layers"]:
+        if layer["class_name"] == "BatchNormalization":
+            layer["config"].update(
+                momentum=config.batchnorm_momentum,
+                epsilon=config.batchnorm_epsilon,
+                synchronized=config.sync_batchnorm,
+            )
+    # Rebuilding from the edited config keeps the graph and the layer names; the
+    # first model's freshly initialised weights are simply discarded.
+    return keras.Model.from_config(model_config)

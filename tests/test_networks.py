@@ -1,0 +1,240 @@
+"""Tests for byol_tf.networks: shapes, architecture, BatchNorm settings, naming, seeding."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from byol_tf import networks
+from byol_tf.config import NetworkConfig
+
+# Non-default BatchNorm settings, so a layer left at Keras' defaults cannot pass.
+BN_SETTINGS = dict(batchnorm_momentum=0.8, batchnorm_epsilon=2e-3, sync_batchnorm=True)
+
+# (encoder, image size, d at width_multiplier 1)
+ENCODERS = [("small_convnet", 28, 256), ("resnet18_cifar", 32, 512), ("resnet50", 32, 2048)]
+
+
+def _config(encoder="small_convnet", **overrides):
+    settings = dict(BN_SETTINGS)
+    settings.update(overrides)
+    return NetworkConfig(encoder=encoder, **settings)
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    """One encoder per kind, built once: ResNet-50 alone takes seconds to build."""
+    return {name: networks.build_encoder(_config(name), size) for name, size, _ in ENCODERS}
+
+
+def _batch_norms(model):
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def _convs(model):
+    return {layer.name: layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)}
+
+
+@pytest.mark.parametrize("name, size, dim", ENCODERS)
+def test_encoder_output_shape_and_representation_dim(encoders, name, size, dim):
+    model = encoders[name]
+    images = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype("float32")
+    with warnings.catch_warnings():
+        # e.g. Keras warning that the input structure differs from the model's.
+        warnings.simplefilter("error")
+        representation = model(images, training=False)
+    assert tuple(representation.shape) == (2, dim)
+    assert networks.representation_dim(model) == dim
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(representation)))
+
+
+def _resnet18_cifar_trainable_params(num_classes=0, width=1):
+    """Hand count from the architecture: conv weights (no bias) + 2 BN parameters per channel."""
+
+    def conv_bn(k, c_in, c_out):
+        return k * k * c_in * c_out + 2 * c_out
+
+    widths = [64 * width, 128 * width, 256 * width, 512 * width]
+    total = conv_bn(3, 3, widths[0])
+    c_in = widths[0]
+    for stage, c_out in enumerate(widths):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            total += conv_bn(3, c_in, c_out) + conv_bn(3, c_out, c_out)
+            if stride != 1 or c_in != c_out:
+                total += conv_bn(1, c_in, c_out)
+            c_in = c_out
+    if num_classes:
+        total += c_in * num_classes + num_classes
+    return total
+
+
+def test_resnet18_cifar_param_count_matches_hand_count(encoders):
+    # Anchors the formula to the usual figure for CIFAR ResNet-18 with a 10-class head.
+    assert _resnet18_cifar_trainable_params(num_classes=10) == 11_173_962
+    model = encoders["resnet18_cifar"]
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    non_trainable = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights)
+    assert trainable == _resnet18_cifar_trainable_params() == 11_168_832
+    # Moving mean and variance: as many as the BN gammas and betas.
+    bn_params = sum(2 * layer.gamma.shape[0] for layer in _batch_norms(model))
+    assert non_trainable == bn_params
+
+
+def test_resnet18_cifar_stem_is_3x3_stride_1_without_pooling(encoders):
+    model = encoders["resnet18_cifar"]
+    stem = model.get_layer("stem_conv")
+    assert stem.kernel_size == (3, 3) and stem.strides == (1, 1)
+    assert not any(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
+    after_stem = model.get_layer("stem_relu").output
+    assert tuple(after_stem.shape[1:3]) == (32, 32)
+    assert tuple(model.get_layer("stage4_block2_out").output.shape[1:]) == (4, 4, 512)
+
+
+def test_mlp_is_linear_bn_relu_linear_without_output_bn():
+    config = _config()
+    mlp = networks.build_mlp(16, 8, config, name="projector", input_dim=12)
+    kinds = [type(layer) for layer in mlp.layers]
+    assert kinds == [
+        keras.layers.Dense,
+        keras.layers.BatchNormalization,
+        keras.layers.ReLU,
+        keras.layers.Dense,
+    ]
+    first, _, _, last = mlp.layers
+    assert (first.units, last.units) == (16, 8)
+    assert first.use_bias and last.use_bias
+    output = mlp(np.ones((3, 12), "float32"), training=True)
+    assert tuple(output.shape) == (3, 8)
+
+
+def test_mlp_builds_lazily_without_input_dim():
+    mlp = networks.build_mlp(16, 8, _config(), name="predictor")
+    assert tuple(mlp(np.ones((3, 5), "float32")).shape) == (3, 8)
+    assert mlp.layers[0].kernel.shape == (5, 16)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_batchnorm_layers_follow_config(encoders, sync):
+    config = _config("resnet18_cifar", sync_batchnorm=sync)
+    models = [networks.build_encoder(config, 8), networks.build_mlp(4, 2, config, "mlp", input_dim=3)]
+    if sync:
+        # The rewritten keras.applications ResNet-50 (its own default epsilon is 1.001e-5).
+        models += [encoders["resnet50"], encoders["small_convnet"]]
+    for model in models:
+        layers = _batch_norms(model)
+        assert layers, model.name
+        for layer in layers:
+            assert (layer.momentum, layer.epsilon, layer.synchronized) == (0.8, 2e-3, sync), layer.name
+    if sync:
+        assert len(_batch_norms(encoders["resnet50"])) == 53
+
+
+def test_batchnorm_momentum_is_the_decay_of_the_moving_average():
+    # Keras momentum m: moving = m * moving + (1 - m) * batch; the reference's decay 0.9.
+    config = _config(batchnorm_momentum=0.9, sync_batchnorm=False)
+    mlp = networks.build_mlp(4, 2, config, "mlp", input_dim=3)
+    inputs = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    mlp(inputs, training=True)
+    linear, bn = mlp.layers[0], mlp.layers[1]
+    hidden = inputs @ keras.ops.convert_to_numpy(linear.kernel) + keras.ops.convert_to_numpy(linear.bias)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bn.moving_mean), 0.1 * hidden.mean(axis=0), rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name, size, _dim", ENCODERS)
+def test_normalization_maps_imagenet_mean_to_zero_and_one_std_to_one(encoders, name, size, _dim):
+    model = encoders[name]
+    normalized = keras.Model(model.inputs[0], model.get_layer(networks.NORMALIZATION_LAYER_NAME).output)
+    mean = np.broadcast_to(np.array([0.485, 0.456, 0.406], "float32"), (1, size, size, 3))
+    std = np.array([0.229, 0.224, 0.225], "float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(normalized(mean)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(normalized(mean + std)), 1.0, atol=1e-5)
+    # The normalisation comes first and has no weights to copy or to decay.
+    assert model.layers[1].name == networks.NORMALIZATION_LAYER_NAME
+    assert not model.get_layer(networks.NORMALIZATION_LAYER_NAME).weights
+
+
+@pytest.mark.parametrize("name, conv_count", [("small_convnet", 4), ("resnet18_cifar", 20)])
+def test_width_multiplier_doubles_every_width(name, conv_count):
+    # Small images: the widths do not depend on the image size.
+    narrow = networks.build_encoder(_config(name, width_multiplier=1), 8)
+    wide = networks.build_encoder(_config(name, width_multiplier=2), 8)
+    narrow_convs, wide_convs = _convs(narrow), _convs(wide)
+    assert len(narrow_convs) == conv_count and narrow_convs.keys() == wide_convs.keys()
+    for layer_name, layer in narrow_convs.items():
+        assert wide_convs[layer_name].filters == 2 * layer.filters, layer_name
+    assert networks.representation_dim(wide) == 2 * networks.representation_dim(narrow)
+
+
+def _build(kind, config, name):
+    if kind == "mlp":
+        return networks.build_mlp(8, 4, config, name, input_dim=6)
+    return networks.build_encoder(config, 8, name=name)
+
+
+@pytest.mark.parametrize("kind", ["small_convnet", "resnet18_cifar", "mlp"])
+def test_same_seed_gives_identical_weights_and_paths(kind):
+    # Also guards against Keras' automatic layer names (conv2d_3, ...), which would
+    # differ between BYOL's online and target copies.
+    config = _config(kind if kind != "mlp" else "small_convnet")
+    keras.utils.set_random_seed(7)
+    first = _build(kind, config, "online")
+    keras.utils.set_random_seed(7)
+    second = _build(kind, config, "online")
+    keras.utils.set_random_seed(8)
+    other = _build(kind, config, "target")
+    assert [v.path for v in first.weights] == [v.path for v in second.weights]
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    kernels = [np.asarray(keras.ops.convert_to_numpy(v)) for v in first.weights if v.path.endswith("kernel")]
+    other_kernels = [np.asarray(keras.ops.convert_to_numpy(v)) for v in other.weights if v.path.endswith("kernel")]
+    assert not np.array_equal(kernels[0], other_kernels[0])
+
+
+def _check_paths(model):
+    paths = [v.path for v in model.weights]
+    assert len(paths) == len(set(paths)), "variable paths must be unique within a model"
+    excluded = ("bias", "beta", "gamma")
+    for variable in model.trainable_weights:
+        name = variable.path.rsplit("/", 1)[-1]
+        # LARS matches substrings of the whole path: only the real exclusions may match.
+        matches = [word for word in excluded if word in variable.path]
+        if name == "kernel":
+            assert not matches, variable.path
+        else:
+            assert matches == [name], variable.path
+
+
+@pytest.mark.parametrize("name", ["small_convnet", "resnet18_cifar", "resnet50"])
+def test_variable_paths_are_unique_and_lars_substrings_only_match_biases_and_bn(encoders, name):
+    _check_paths(encoders[name])
+
+
+def test_mlp_variable_paths_are_unique_and_prefixed_by_its_name():
+    mlp = networks.build_mlp(8, 4, _config(), "predictor", input_dim=6)
+    _check_paths(mlp)
+    assert all(v.path.startswith("predictor/") for v in mlp.weights)
+
+
+def test_synchronized_batchnorm_trains_outside_a_strategy():
+    model = networks.build_encoder(_config("small_convnet", sync_batchnorm=True), 8)
+    images = np.random.default_rng(1).uniform(size=(4, 8, 8, 3)).astype("float32")
+    import tensorflow as tf  # gradients only: the library itself is written against keras
+
+    with tf.GradientTape() as tape:
+        loss = keras.ops.sum(model(images, training=True) ** 2)
+    gradients = tape.gradient(loss, model.trainable_weights)
+    assert all(g is not None for g in gradients)
+
+
+def test_unknown_encoder_raises_naming_the_field():
+    with pytest.raises(ValueError, match=r"network\.encoder.*'vgg16'"):
+        networks.build_encoder(NetworkConfig(encoder="vgg16"), 32)
+
+
+def test_resnet50_rejects_width_multiplier():
+    with pytest.raises(ValueError, match=r"network\.width_multiplier"):
+        networks.build_encoder(NetworkConfig(encoder="resnet50", width_multiplier=2), 32)
