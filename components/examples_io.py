@@ -1,0 +1,134 @@
+"""Reading a TFX `Examples` artifact (image tf.Examples from ImageExampleGen) with `byol_tf.data`.
+
+The Trainer streams a split through `tf.data`; LinearEval loads a split into numpy
+arrays for `byol_tf.evaluation`. Both decode records with `byol_tf.data.parse_example`,
+so the pipeline and `byol-tf train` read tf.Examples the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+from tfx.types import standard_artifact_utils
+
+from byol_tf import data
+
+
+def split_file_patterns(examples, split: str) -> list[str]:
+    """File patterns of one split of an `Examples` artifact (as the Trainer's `fn_args.train_files`)."""
+    uri = standard_artifact_utils.get_split_uri([examples], split)
+    return [os.path.join(uri, "*")]
+
+
+def record_files(file_patterns: Sequence[str]) -> list[str]:
+    """The sorted files matching `file_patterns`.
+
+    Raises:
+        ValueError: no file matches.
+    """
+    files = sorted({name for pattern in file_patterns for name in tf.io.gfile.glob(pattern)})
+    if not files:
+        raise ValueError(f"no TFRecord file matches {list(file_patterns)!r}")
+    return files
+
+
+def records(file_patterns: Sequence[str]) -> tf.data.Dataset:
+    """Serialized records of the files, in sorted file order.
+
+    Files ending in `.gz` are read as GZIP (TFX's ExampleGen layout); others uncompressed.
+    """
+    files = record_files(file_patterns)
+    compression = "GZIP" if files[0].endswith(".gz") else None
+    return tf.data.TFRecordDataset(files, compression_type=compression)
+
+
+def image_dataset(
+    file_patterns: Sequence[str],
+    image_shape: tuple[int, int, int] | None = None,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+) -> tf.data.Dataset:
+    """Unbatched {"image": uint8 [H, W, 3], "label": int64} from tf.Example TFRecord files.
+
+    Args:
+        file_patterns: globs of the files (e.g. the Trainer's `fn_args.train_files`).
+        image_shape: when every image has this shape (`summarize_split`), it is set on the
+            elements, so `byol_tf.data.pretraining_dataset` can batch before augmenting.
+        num_parallel_calls: parallelism of the decoding map.
+    """
+
+    def parse(serialized):
+        example = data.parse_example(serialized)
+        if image_shape is not None:
+            example["image"] = tf.ensure_shape(example["image"], image_shape)
+        return example
+
+    return records(file_patterns).map(parse, num_parallel_calls=num_parallel_calls)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSummary:
+    """What a split holds, read from the int64 features only (no image is decoded).
+
+    Attributes:
+        num_examples: records in the split.
+        num_classes: max label + 1 (0 when no record has a label).
+        image_shape: (height, width, 3) when every record has the same `height` and
+            `width` features (ImageExampleGen resizes to one size), else None.
+    """
+
+    num_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int] | None
+
+
+def summarize_split(file_patterns: Sequence[str]) -> SplitSummary:
+    """Counts records, classes and image sizes of a split (cheap next to decoding images)."""
+    spec = {name: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for name in ("label", "height", "width")}
+    features = records(file_patterns).map(
+        lambda serialized: tf.io.parse_single_example(serialized, spec), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    big = tf.constant(np.iinfo(np.int64).max, tf.int64)
+    small = tf.constant(-1, tf.int64)
+    initial = (tf.constant(0, tf.int64), small, big, small, big, small)
+
+    def add(state, example):
+        count, top, min_h, max_h, min_w, max_w = state
+        return (
+            count + 1,
+            tf.maximum(top, example["label"]),
+            tf.minimum(min_h, example["height"]),
+            tf.maximum(max_h, example["height"]),
+            tf.minimum(min_w, example["width"]),
+            tf.maximum(max_w, example["width"]),
+        )
+
+    count, top, min_h, max_h, min_w, max_w = (int(value) for value in features.reduce(initial, add))
+    fixed = count > 0 and min_h == max_h > 0 and min_w == max_w > 0
+    return SplitSummary(count, top + 1, (min_h, min_w, 3) if fixed else None)
+
+
+def load_arrays(file_patterns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in memory: images uint8 [N, H, W, C] and labels int64 [N].
+
+    All images of a split must share one size (ImageExampleGen resizes them).
+
+    Raises:
+        ValueError: the split is empty or its images differ in size.
+    """
+    images, labels = [], []
+    # Not batched in tf.data: a batch needs one shape, and a readable error about mixed
+    # shapes is worth more than the speed on splits that fit in memory anyway.
+    for example in image_dataset(file_patterns).as_numpy_iterator():
+        images.append(example["image"])
+        labels.append(example["label"])
+    if not images:
+        raise ValueError(f"no examples in {list(file_patterns)!r}")
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images in {list(file_patterns)!r} differ in shape: {sorted(shapes)[:4]}")
+    return np.stack(images), np.asarray(labels, np.int64)
+

@@ -1,0 +1,289 @@
+"""LinearEval: scores the Trainer's encoder with the linear protocol and blesses it or not.
+
+A thin adapter over `byol_tf.evaluation.evaluate`: it loads the train and eval splits of
+the `Examples` artifact into arrays, evaluates the encoder and the two baselines
+(random-init encoder, raw pixels) once each, and writes
+
+- `evaluation` (`byol_tf.LinearEvalMetrics`): `linear_eval.json` with the three rows
+  (top-1 / top-5 / kNN per representation) and the blessing decision; top-1 of each row
+  also as a float custom property (`byol_top1`, `random_init_top1`, `raw_pixels_top1`).
+- `blessing` (`ModelBlessing`, what the standard Pusher reads): `blessed` = 1 only if
+  byol top-1 >= random-init top-1 + `blessing_margin` AND byol top-1 >= the top-1 of the
+  latest blessed encoder (`baseline_blessing`, resolved from ML Metadata by the pipeline's
+  LatestBlessedModelStrategy resolver). The blessing carries `current_model_id` (so the
+  resolver can find it next run) and `byol_top1` (so the next run can compare with it).
+
+Accuracies are fractions in [0, 1]; `blessing_margin=0.01` is one percentage point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from absl import logging
+from tfx import types
+from tfx.dsl.components.base import base_component, base_executor, executor_spec
+from tfx.dsl.io import fileio
+from tfx.types import artifact_utils, channel, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+from tfx.utils import io_utils, path_utils
+
+from components import examples_io
+
+METRICS_FILE = "linear_eval.json"
+BLESSED_FILE = "BLESSED"
+NOT_BLESSED_FILE = "NOT_BLESSED"
+# Custom property names the Evaluator uses too; Pusher and LatestBlessedModelStrategy read them.
+BLESSED_KEY = "blessed"
+CURRENT_MODEL_KEY = "current_model"
+CURRENT_MODEL_ID_KEY = "current_model_id"
+BASELINE_MODEL_KEY = "baseline_model"
+BASELINE_MODEL_ID_KEY = "baseline_model_id"
+MESSAGE_KEY = "blessing_message"
+BYOL_TOP1_KEY = "byol_top1"
+# Accuracies are count / N: a tolerance keeps 0.51 >= 0.50 + 0.01 true in floating point.
+_TOLERANCE = 1e-9
+
+
+class LinearEvalMetrics(types.Artifact):
+    """Linear-evaluation results of one encoder: `linear_eval.json` (rows byol / random_init / raw_pixels)."""
+
+    TYPE_NAME = "byol_tf.LinearEvalMetrics"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlessingDecision:
+    """Whether an encoder is blessed, and why, in one sentence."""
+
+    blessed: bool
+    message: str
+
+
+def decide_blessing(
+    byol_top1: float,
+    random_init_top1: float,
+    margin: float,
+    baseline_top1: float | None = None,
+    same_model_as_baseline: bool = False,
+) -> BlessingDecision:
+    """The blessing rule: beat the random-init baseline by `margin`, and do not regress.
+
+    Args:
+        byol_top1: linear top-1 of the candidate encoder.
+        random_init_top1: linear top-1 of a random-init encoder of the same architecture.
+        margin: required gain over random init (fraction; 0.01 = one point).
+        baseline_top1: top-1 of the latest blessed encoder, None when there is none.
+        same_model_as_baseline: the candidate IS the latest blessed encoder (a cached
+            Trainer on a rerun); it is not compared with itself.
+
+    Returns:
+        The decision and a readable reason.
+    """
+    if byol_top1 + _TOLERANCE < random_init_top1 + margin:
+        return BlessingDecision(
+            False,
+            f"not blessed: byol top-1 {byol_top1:.4f} < random-init top-1 {random_init_top1:.4f} "
+            f"+ margin {margin:.4f}",
+        )
+    reason = f"byol top-1 {byol_top1:.4f} >= random-init top-1 {random_init_top1:.4f} + margin {margin:.4f}"
+    if baseline_top1 is None:
+        return BlessingDecision(True, f"blessed: {reason}; no earlier blessed encoder")
+    if same_model_as_baseline:
+        return BlessingDecision(True, f"blessed: {reason}; it is the latest blessed encoder itself")
+    if byol_top1 + _TOLERANCE < baseline_top1:
+        return BlessingDecision(
+            False, f"not blessed: byol top-1 {byol_top1:.4f} < latest blessed encoder's {baseline_top1:.4f}"
+        )
+    return BlessingDecision(True, f"blessed: {reason}, and >= latest blessed encoder's {baseline_top1:.4f}")
+
+
+def baseline_top1_of(blessing: types.Artifact) -> float:
+    """Top-1 recorded on a blessing written by LinearEval (property, else its JSON file).
+
+    Raises:
+        ValueError: the blessing has neither (it was not written by LinearEval).
+    """
+    if blessing.has_custom_property(BYOL_TOP1_KEY):
+        return float(blessing.get_float_custom_property(BYOL_TOP1_KEY))
+    path = os.path.join(blessing.uri, METRICS_FILE)
+    if fileio.exists(path):
+        with fileio.open(path) as stream:
+            return float(json.loads(stream.read())["rows"]["byol"]["top1"])
+    raise ValueError(
+        f"the latest blessed encoder's blessing {blessing.uri!r} records no byol top-1 "
+        f"(neither a {BYOL_TOP1_KEY!r} property nor {METRICS_FILE}); was it written by LinearEval?"
+    )
+
+
+def _local_copy(path: str, scratch: str) -> str:
+    """`path` itself when local, else a local copy (Keras loads .keras files from local disk)."""
+    if "://" not in path:
+        return path
+    local = os.path.join(scratch, os.path.basename(path))
+    io_utils.copy_file(path, local)
+    return local
+
+
+def load_encoder(model: types.Artifact, scratch: str):
+    """The encoder the Trainer saved as `encoder.keras` in the model's serving folder."""
+    import keras  # deferred: the component definition must not import Keras
+
+    from byol_tf import export
+
+    path = os.path.join(path_utils.serving_model_path(model.uri), export.ENCODER_FILE)
+    if not fileio.exists(path):
+        raise ValueError(f"model artifact {model.uri!r} has no {export.ENCODER_FILE} in its serving folder")
+    return keras.models.load_model(_local_copy(path, scratch), compile=False)
+
+
+class Executor(base_executor.BaseExecutor):
+    """Runs `byol_tf.evaluation.evaluate` on the Examples artifact and writes metrics + blessing."""
+
+    def Do(self, input_dict: dict[str, list[types.Artifact]], output_dict, exec_properties: dict[str, Any]):
+        from byol_tf import config as config_lib, evaluation
+
+        config = config_lib.from_dict(json.loads(exec_properties["config"]))
+        margin = float(exec_properties["blessing_margin"])
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        model = artifact_utils.get_single_instance(input_dict["model"])
+        baseline_blessings = input_dict.get("baseline_blessing") or []
+        baseline_models = input_dict.get("baseline_model") or []
+        metrics = artifact_utils.get_single_instance(output_dict["evaluation"])
+        blessing = artifact_utils.get_single_instance(output_dict["blessing"])
+
+        train_split = exec_properties.get("train_split") or "train"
+        eval_split = exec_properties.get("eval_split") or "eval"
+        train_images, train_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, train_split))
+        test_images, test_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, eval_split))
+
+        scratch = tempfile.mkdtemp(prefix="linear_eval-")
+        try:
+            encoder = load_encoder(model, scratch)
+            # Baselines always: the blessing rule needs the random-init row.
+            report = evaluation.evaluate(
+                encoder,
+                config,
+                baselines=True,
+                arrays=(train_images, train_labels, test_images, test_labels),
+                progress=False,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        rows = report.rows
+        baseline_blessing = baseline_blessings[0] if baseline_blessings else None
+        baseline_model = baseline_models[0] if baseline_models else None
+        baseline_top1 = baseline_top1_of(baseline_blessing) if baseline_blessing is not None else None
+        decision = decide_blessing(
+            rows[evaluation.BYOL]["top1"],
+            rows[evaluation.RANDOM_INIT]["top1"],
+            margin,
+            baseline_top1,
+            same_model_as_baseline=baseline_model is not None and baseline_model.id == model.id,
+        )
+
+        document = report.to_dict()
+        document["table"] = report.format_table()
+        document["blessing"] = {
+            "blessed": decision.blessed,
+            "message": decision.message,
+            "margin": margin,
+            "baseline_top1": baseline_top1,
+            "baseline_model": baseline_model.uri if baseline_model is not None else None,
+            "model": model.uri,
+            "train_split": train_split,
+            "eval_split": eval_split,
+        }
+        text = json.dumps(document, indent=2, sort_keys=True)
+        io_utils.write_string_file(os.path.join(metrics.uri, METRICS_FILE), text)
+        for name, row in rows.items():
+            metrics.set_float_custom_property(f"{name}_top1", float(row["top1"]))
+            metrics.set_float_custom_property(f"{name}_top5", float(row["top5"]))
+        metrics.set_int_custom_property(BLESSED_KEY, int(decision.blessed))
+
+        io_utils.write_string_file(os.path.join(blessing.uri, METRICS_FILE), text)
+        io_utils.write_string_file(
+            os.path.join(blessing.uri, BLESSED_FILE if decision.blessed else NOT_BLESSED_FILE), ""
+        )
+        blessing.set_int_custom_property(BLESSED_KEY, int(decision.blessed))
+        blessing.set_string_custom_property(CURRENT_MODEL_KEY, model.uri)
+        blessing.set_int_custom_property(CURRENT_MODEL_ID_KEY, model.id)
+        blessing.set_float_custom_property(BYOL_TOP1_KEY, float(rows[evaluation.BYOL]["top1"]))
+        blessing.set_string_custom_property(MESSAGE_KEY, decision.message)
+        if baseline_model is not None:
+            blessing.set_string_custom_property(BASELINE_MODEL_KEY, baseline_model.uri)
+            blessing.set_int_custom_property(BASELINE_MODEL_ID_KEY, baseline_model.id)
+        logging.info("LinearEval:\n%s\n%s", report.format_table(), decision.message)
+
+
+class LinearEvalSpec(ComponentSpec):
+    """Inputs, outputs and parameters of LinearEval."""
+
+    PARAMETERS = {
+        # JSON of the whole experiment config (byol_tf.config.to_dict): protocol + architecture.
+        "config": ExecutionParameter(type=str),
+        "blessing_margin": ExecutionParameter(type=float),
+        "train_split": ExecutionParameter(type=str, optional=True),
+        "eval_split": ExecutionParameter(type=str, optional=True),
+    }
+    INPUTS = {
+        "examples": ChannelParameter(type=standard_artifacts.Examples),
+        "model": ChannelParameter(type=standard_artifacts.Model),
+        "baseline_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
+        "baseline_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
+    }
+    OUTPUTS = {
+        "evaluation": ChannelParameter(type=LinearEvalMetrics),
+        "blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
+    }
+
+
+class LinearEval(base_component.BaseComponent):
+    """Linear evaluation of the Trainer's encoder with baselines, and its blessing.
+
+    Args:
+        examples: `Examples` with `train_split` (classifier training) and `eval_split`
+            (held out; the reported accuracies).
+        model: the Trainer's `Model` (`Format-Serving/encoder.keras`).
+        config: the experiment config as a dict (`byol_tf.config.to_dict`).
+        blessing_margin: required top-1 gain over the random-init encoder (fraction), a
+            float or a RuntimeParameter.
+        baseline_model: the latest blessed `Model` (optional; a resolver's output).
+        baseline_blessing: its `ModelBlessing` from an earlier LinearEval (optional).
+        train_split: split the linear classifier trains on (default "train").
+        eval_split: held-out split (default "eval").
+    """
+
+    SPEC_CLASS = LinearEvalSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)
+
+    def __init__(
+        self,
+        examples: types.BaseChannel,
+        model: types.BaseChannel,
+        config: dict[str, Any],
+        blessing_margin=0.01,
+        baseline_model: types.BaseChannel | None = None,
+        baseline_blessing: types.BaseChannel | None = None,
+        train_split: str = "train",
+        eval_split: str = "eval",
+    ):
+        spec = LinearEvalSpec(
+            examples=examples,
+            model=model,
+            baseline_model=baseline_model,
+            baseline_blessing=baseline_blessing,
+            # Sorted keys: the same config gives the same string, so caching works.
+            config=json.dumps(config, sort_keys=True),
+            blessing_margin=blessing_margin,
+            train_split=train_split,
+            eval_split=eval_split,
+            evaluation=channel.Channel(type=LinearEvalMetrics),
+            blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
+        )
+        super().__init__(spec=spec)
