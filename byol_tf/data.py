@@ -436,6 +436,23 @@ def num_examples(cfg: DataConfig, split: str) -> int:
     return len(_holdout_indices(cfg, total, split, cap=False))
 
 
+def num_classes(cfg: DataConfig) -> int | None:
+    """Number of label classes: `data.num_classes` if set, else what the source tells.
+
+    None for TFRecords without `data.num_classes` (finding out would mean a full pass).
+    """
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if cfg.source in ("mnist5k", "digits"):
+        return 10
+    if cfg.source == "folder":
+        return len(_class_folders(cfg.path, "data.path"))
+    if cfg.source == "tfds":
+        label = _tfds_builder(cfg).info.features.get("label") if cfg.name else None
+        return getattr(label, "num_classes", None)
+    return None
+
+
 def load_arrays(cfg: DataConfig, split: str, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory, for small datasets (evaluation, kNN).
 

@@ -333,3 +333,13 @@ def test_make_pretraining_dataset_with_input_context():
     assert not np.array_equal(first["view1"], second["view1"])
     smaller = next(iter(data.make_pretraining_dataset(cfg, batch_size=4)))
     assert smaller["label"].shape == (4,)
+
+
+def test_num_classes_per_source(tmp_path):
+    from byol_tf.config import DataConfig
+
+    assert data.num_classes(DataConfig(source="mnist5k")) == 10
+    assert data.num_classes(DataConfig(source="mnist5k", num_classes=7)) == 7
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    assert data.num_classes(DataConfig(source="folder", path=str(tmp_path))) == 3
