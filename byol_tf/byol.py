@@ -21,19 +21,25 @@ def _cross_replica_sum(values):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
-def _global_collapse_std(projections):
-    """`losses.collapse_std` over the GLOBAL batch, from moments summed across replicas."""
+def _projection_moments(projections):
+    """Sums over the batch that give the collapse std once added over micro-batches and replicas."""
     z = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1, epsilon=1e-12)
-    moments = _cross_replica_sum(
-        {
-            "sum": tf.reduce_sum(z, axis=0),
-            "sum_sq": tf.reduce_sum(tf.square(z), axis=0),
-            "count": tf.cast(tf.shape(z)[0], tf.float32),
-        }
-    )
+    return {
+        "sum": tf.reduce_sum(z, axis=0),
+        "sum_sq": tf.reduce_sum(tf.square(z), axis=0),
+        "count": tf.cast(tf.shape(z)[0], tf.float32),
+    }
+
+
+def _collapse_std_from_moments(moments):
     mean = moments["sum"] / moments["count"]
     variance = tf.maximum(moments["sum_sq"] / moments["count"] - tf.square(mean), 0.0)
     return tf.reduce_mean(tf.sqrt(variance))
+
+
+def _global_collapse_std(projections):
+    """`losses.collapse_std` over the GLOBAL batch, from moments summed across replicas."""
+    return _collapse_std_from_moments(_cross_replica_sum(_projection_moments(projections)))
 
 
 def _num_replicas() -> int:
@@ -69,6 +75,42 @@ def ema_update(target_variables, online_variables, decay):
     )
 
 
+def _split_micro_batches(data, count: int):
+    """`count` equal slices, along the batch axis, of every tensor in the batch dict."""
+    if count == 1:
+        return [data]
+    slices = {key: tf.split(value, count, axis=0) for key, value in data.items()}
+    return [{key: slices[key][index] for key in data} for index in range(count)]
+
+
+def _add(total, value):
+    return value if total is None else tf.nest.map_structure(tf.add, total, value)
+
+
+class _BatchNormStatistics:
+    """Makes BN moving statistics step once per optimizer step under gradient accumulation.
+
+    Every micro-batch starts from the step's statistics and the step keeps the mean of the
+    micro-batches' results: momentum * old + (1 - momentum) * mean of the micro-batch moments.
+    """
+
+    def __init__(self, variables):
+        self.variables = variables
+        self.start = [tf.identity(variable.value) for variable in variables]
+        self.total = None
+
+    def begin_micro_batch(self):
+        for variable, start in zip(self.variables, self.start):
+            variable.assign(start)
+
+    def end_micro_batch(self):
+        self.total = _add(self.total, [tf.identity(variable.value) for variable in self.variables])
+
+    def finish(self, count: int):
+        for variable, total in zip(self.variables, self.total):
+            variable.assign(total / count)
+
+
 class BYOLModel(keras.Model):
     """BYOL (Grill et al. 2020) as a Keras model with a custom `train_step`.
 
@@ -87,6 +129,10 @@ class BYOLModel(keras.Model):
         total_steps: training length K of the tau schedule (steps).
         tau_base: target decay at step 0.
         num_classes: classes for the online linear probe, or None for no probe.
+        gradient_accumulation_steps: each train step cuts its batch into this many
+            micro-batches and applies their summed gradients once; BN moving statistics and
+            the target EMA also step once. Without BN the update equals that of the whole
+            batch; with BN each micro-batch normalises with its own statistics.
     """
 
     def __init__(
@@ -98,11 +144,15 @@ class BYOLModel(keras.Model):
         total_steps: int,
         tau_base: float = 0.996,
         num_classes: int | None = None,
+        gradient_accumulation_steps: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.image_size = image_size
         self.total_steps = int(total_steps)
         self.tau_base = float(tau_base)
@@ -124,6 +174,7 @@ class BYOLModel(keras.Model):
         ):
             projection = projector(encoder(images))
         self.predictor(projection)
+        self.projection_dim = int(projection.shape[-1])
         if self.probe is not None:
             self.probe.build((None, self.online_encoder.output.shape[-1]))
         for target, online in zip(self.target_weights, self.online_weights):
@@ -154,6 +205,11 @@ class BYOLModel(keras.Model):
         return self.target_encoder.weights + self.target_projector.weights
 
     @property
+    def batch_norm_statistics(self):
+        """Moving means and variances of every BatchNormalization layer, online and target."""
+        return [variable for variable in self.weights if variable.name in ("moving_mean", "moving_variance")]
+
+    @property
     def metrics(self):
         trackers = [self.loss_tracker, self.collapse_tracker]
         if self.probe is not None:
@@ -168,12 +224,53 @@ class BYOLModel(keras.Model):
         return schedules.target_decay(step, self.total_steps, self.tau_base)
 
     def train_step(self, data):
-        view1, view2 = data["view1"], data["view2"]
-        labels = data.get("label")
         # Each replica sees its share of the global batch; gradients are summed across
         # replicas by the optimizer, so the loss is divided by the GLOBAL batch size.
-        global_batch = tf.cast(tf.shape(view1)[0] * _num_replicas(), tf.float32)
+        global_batch = tf.cast(tf.shape(data["view1"])[0] * _num_replicas(), tf.float32)
+        trainable = self.trainable_variables
 
+        accumulate = self.gradient_accumulation_steps
+        statistics = _BatchNormStatistics(self.batch_norm_statistics) if accumulate > 1 else None
+        gradients, sums = None, None
+        for micro_batch in _split_micro_batches(data, accumulate):
+            if gradients is not None:
+                # One micro-batch at a time, so only one holds activations in memory.
+                with tf.control_dependencies(gradients):
+                    micro_batch = tf.nest.map_structure(tf.identity, micro_batch)
+            if statistics:
+                statistics.begin_micro_batch()
+            micro_gradients, micro_sums = self._gradients(micro_batch, global_batch, trainable)
+            if statistics:
+                statistics.end_micro_batch()
+            gradients, sums = _add(gradients, micro_gradients), _add(sums, micro_sums)
+        if statistics:
+            statistics.finish(accumulate)
+
+        step = tf.convert_to_tensor(self.optimizer.iterations)
+        tau = self.target_decay(step)
+        self.optimizer.apply_gradients(zip(gradients, trainable))
+        # A LossScaleOptimizer skips steps with non-finite gradients: the target stays too.
+        tau = tf.where(self.optimizer.iterations > step, tau, tf.ones_like(tau))
+        ema_update(self.target_weights, self.online_weights, tau)
+
+        sums = _cross_replica_sum(sums)
+        self.loss_tracker.update_state(sums["loss"] / global_batch)
+        self.collapse_tracker.update_state(_collapse_std_from_moments(sums["moments"]))
+        if self.probe is not None:
+            count = tf.maximum(sums["probe"]["count"], 1.0)
+            self.probe_loss_tracker.update_state(sums["probe"]["loss"] / count)
+            self.probe_accuracy.update_state(sums["probe"]["correct"] / count)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["tau"] = tau
+        logs["learning_rate"] = tf.cast(self.optimizer.learning_rate, tf.float32)
+        return logs
+
+    def _gradients(self, data, global_batch, trainable):
+        """Gradients of one (micro-)batch's share of the loss, and its summed metric terms.
+
+        Everything after the networks runs in float32, whatever the dtype policy.
+        """
+        view1, view2 = data["view1"], data["view2"]
         # Target outputs carry no gradient; BN runs in training mode as in the reference.
         target_z1 = tf.stop_gradient(self.target_projector(self.target_encoder(view1, training=True), training=True))
         target_z2 = tf.stop_gradient(self.target_projector(self.target_encoder(view2, training=True), training=True))
@@ -188,29 +285,16 @@ class BYOLModel(keras.Model):
             byol_loss_sum = tf.reduce_sum(per_example)
             total = byol_loss_sum / global_batch
             if self.probe is not None:
-                probe_loss_sum, probe_correct, labelled = self._probe_terms(representation1, labels)
+                probe_loss_sum, probe_correct, labelled = self._probe_terms(representation1, data.get("label"))
                 total += probe_loss_sum / global_batch
             # Identity unless the optimizer is a LossScaleOptimizer (mixed_float16).
             scaled = self.optimizer.scale_loss(total)
 
-        trainable = self.trainable_variables
         gradients = tape.gradient(scaled, trainable)
-        step = self.optimizer.iterations
-        tau = self.target_decay(step)
-        self.optimizer.apply_gradients(zip(gradients, trainable))
-        ema_update(self.target_weights, self.online_weights, tau)
-
-        self.loss_tracker.update_state(_cross_replica_sum(byol_loss_sum) / global_batch)
-        self.collapse_tracker.update_state(_global_collapse_std(online_z1))
+        sums = {"loss": byol_loss_sum, "moments": _projection_moments(online_z1)}
         if self.probe is not None:
-            probe = _cross_replica_sum({"loss": probe_loss_sum, "correct": probe_correct, "count": labelled})
-            count = tf.maximum(probe["count"], 1.0)
-            self.probe_loss_tracker.update_state(probe["loss"] / count)
-            self.probe_accuracy.update_state(probe["correct"] / count)
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        logs["tau"] = tau
-        logs["learning_rate"] = tf.cast(self.optimizer.learning_rate, tf.float32)
-        return logs
+            sums["probe"] = {"loss": probe_loss_sum, "correct": probe_correct, "count": labelled}
+        return gradients, sums
 
     def _probe_terms(self, representation, labels):
         """Summed cross-entropy and correct count of the probe over labelled examples."""

@@ -1,4 +1,4 @@
-"""Keras callbacks for BYOL runs: augmentation previews and a collapse monitor."""
+"""Keras callbacks for BYOL runs: augmentation previews, a collapse monitor and a kNN monitor."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class CollapseGuard(keras.callbacks.Callback):
         value = (logs or {}).get("collapse_std")
         if value is None:
             return
-        dim = self.model.online_projector.output.shape[-1]
+        dim = self.model.projection_dim
         threshold = self.fraction / math.sqrt(dim)
         if value < threshold:
             self.collapsed_epochs.append(epoch)
@@ -80,3 +80,119 @@ class CollapseGuard(keras.callbacks.Callback):
             )
             if self.stop:
                 self.model.stop_training = True
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Adds `knn_accuracy` (weighted kNN top-1 of `model.encoder`) to the epoch logs every N epochs.
+
+    The memory bank is a labelled subset of the pretraining images, the queries a labelled
+    subset of the held-out split; features are centre crops through the frozen encoder
+    (`evaluation.extract_features`), scored by `evaluation.knn_accuracy`.
+
+    The value is written into the shared `logs` dict, so callbacks AFTER this one see it:
+    place it BEFORE `keras.callbacks.TensorBoard` in the callback list, and TensorBoard
+    logs it as `epoch_knn_accuracy` beside `epoch_probe_accuracy` (`training.train` puts
+    it first). Epochs without a measurement carry no `knn_accuracy` key.
+
+    Args:
+        train_images: [N, H, W, C] uint8 memory-bank images.
+        train_labels: [N] int labels.
+        test_images: [M, H, W, C] uint8 query images, never seen in pretraining.
+        test_labels: [M] int labels.
+        image_size: encoder input side S.
+        every_epochs: measure after epochs N, 2N, ... (and never when 0).
+        k: neighbours.
+        temperature: vote temperature.
+        num_classes: default max label + 1.
+        batch_size: feature-extraction batch.
+    """
+
+    def __init__(
+        self,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        image_size: int,
+        every_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        num_classes: int | None = None,
+        batch_size: int = 256,
+    ):
+        super().__init__()
+        self.train_images = np.asarray(train_images)
+        self.train_labels = np.asarray(train_labels).reshape(-1)
+        self.test_images = np.asarray(test_images)
+        self.test_labels = np.asarray(test_labels).reshape(-1)
+        self.image_size = image_size
+        self.every_epochs = every_epochs
+        self.k = k
+        self.temperature = temperature
+        self.num_classes = num_classes or int(max(self.train_labels.max(), self.test_labels.max()) + 1)
+        self.batch_size = batch_size
+        self.history = []  # (epoch, accuracy) pairs, epochs counted from 1
+
+    @classmethod
+    def from_config(cls, config) -> "KNNMonitor":
+        """Monitor on the first `evaluation.knn_examples` labelled images of each split.
+
+        The splits come in a fixed order that does not follow the labels (a seeded shuffle
+        for in-memory sources), and only those images are read: a large TFDS or TFRecord
+        source is not loaded whole.
+
+        Args:
+            config: a `byol_tf.config.Config`; uses `data`, `augment.image_size` and the
+                `evaluation.knn_*` fields.
+
+        Raises:
+            ValueError: a split has no labelled images.
+        """
+        from byol_tf import augment, data  # deferred: only runs that monitor kNN read data here
+
+        evaluation = config.evaluation
+        size = config.augment.image_size
+
+        def resize(example):
+            # As data.load_arrays(..., image_size): one uint8 size for images of any size.
+            image = augment.center_crop_resize(example["image"], size)
+            return tf.cast(tf.round(image * 255.0), tf.uint8), example["label"]
+
+        subsets = []
+        for split in ("train", "test"):
+            examples = (
+                data.load_split(config.data, split)
+                .filter(lambda example: example["label"] >= 0)
+                .take(evaluation.knn_examples)
+                .map(resize, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(evaluation.knn_examples)
+            )
+            batch = next(iter(examples.as_numpy_iterator()), None)
+            if batch is None:
+                raise ValueError(f"evaluation.knn_every_epochs: the {split!r} split has no labelled images for kNN")
+            subsets += list(batch)
+        return cls(
+            *subsets,
+            image_size=size,
+            every_epochs=evaluation.knn_every_epochs,
+            k=evaluation.knn_k,
+            temperature=evaluation.knn_temperature,
+            num_classes=config.data.num_classes,
+            batch_size=evaluation.linear_batch_size,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every_epochs or (epoch + 1) % self.every_epochs:
+            return
+        from byol_tf import evaluation  # evaluation imports augment/tf; keep this module light
+
+        encoder = self.model.encoder
+        bank = evaluation.extract_features(encoder, self.train_images, self.image_size, self.batch_size, False)
+        queries = evaluation.extract_features(encoder, self.test_images, self.image_size, self.batch_size, False)
+        accuracy = evaluation.knn_accuracy(
+            bank, self.train_labels, queries, self.test_labels, self.num_classes, self.k, self.temperature
+        )
+        self.history.append((epoch + 1, accuracy))
+        if logs is not None:
+            logs["knn_accuracy"] = accuracy
+        logging.info("epoch %d: kNN accuracy %.4f (k=%d)", epoch + 1, accuracy, self.k)
