@@ -8,7 +8,7 @@ Trainer read like any ExampleGen's output.
 
 | component | inputs | outputs | parameters |
 | --- | --- | --- | --- |
-| `ImageExampleGen` (`components.example_gen`) | none | `examples` (Examples: splits `train`, `eval`; GZIP TFRecords of tf.Example {image: PNG bytes, label, height, width: int64}), `report` (`byol_tf.IngestionReport`: `ingestion_report.json`, counts per category and split) | `source` (mnist5k, digits, tfds, folder, tfrecord), `name`, `path`, `tfds_data_dir`, `train_split`, `eval_split`, `holdout_examples`, `num_classes`, `max_examples`, `seed`, `image_size` (0 keeps sizes), `max_bad_fraction` (0.01), `num_shards` (1) |
+| `ImageExampleGen` (`components.example_gen`) | none | `examples` (Examples: splits `train`, `eval`; GZIP TFRecords of tf.Example {image: PNG bytes, label, height, width: int64}), `report` (`byol_tf.IngestionReport`: `ingestion_report.json`, counts per category and split) | `source` (mnist5k, digits, tfds, folder, tfrecord), `name`, `path`, `tfds_data_dir`, `train_split`, `eval_split`, `holdout_examples`, `num_classes`, `max_examples`, `seed`, `image_size` (0 keeps sizes), `max_bad_fraction` (0.01), `num_shards` (1), `source_fingerprint` (cache key only) |
 | `ImportExampleGen` (TFX; `components.example_gen.import_example_gen`) | none | `examples` (Examples: splits `train`, `eval`, the user's own files) | `train_pattern`, `eval_pattern` (globs relative to `input_base`), `input_base` |
 
 Users who already have TFRecords of tf.Examples with `image` bytes and `label` int64
@@ -58,6 +58,7 @@ def ImageExampleGen(  # noqa: N802 -- TFX names a component after its function
     image_size: tfx.dsl.components.Parameter[int] = 0,
     max_bad_fraction: tfx.dsl.components.Parameter[float] = 0.01,
     num_shards: tfx.dsl.components.Parameter[int] = 1,
+    source_fingerprint: tfx.dsl.components.Parameter[str] = None,
 ):
     """Reads an image source, checks every record, writes train / eval tf.Examples.
 
@@ -93,6 +94,9 @@ def ImageExampleGen(  # noqa: N802 -- TFX names a component after its function
         max_bad_fraction: fail the run when more than this fraction of records is
             dropped (default 1%); the error names the counts.
         num_shards: TFRecord files per split.
+        source_fingerprint: unused by the code; part of the cache key, so that changed
+            folder / TFRecord files are read again (see
+            `components.ingestion.source_fingerprint`).
 
     Raises:
         components.ingestion.IngestionError: too many bad records, an empty split, or a
@@ -111,14 +115,20 @@ def ImageExampleGen(  # noqa: N802 -- TFX names a component after its function
         seed=seed,
         image_size=image_size,
     )
+    del source_fingerprint  # only keys the cache
     set_examples_properties(examples)
-    ingestion.ingest(
+    result = ingestion.ingest(
         settings,
         examples.uri,
         os.path.join(report.uri, REPORT_FILE),
         max_bad_fraction=max_bad_fraction,
         num_shards=num_shards,
     )
+    # The headline counts also as properties, visible in ML Metadata and the Vertex UI.
+    totals = result.totals()
+    for key in ("total", "written", "converted", "resized", "dropped"):
+        report.set_int_custom_property(key, int(totals[key]))
+    report.set_float_custom_property("bad_fraction", float(result.bad_fraction))
 
 
 def set_examples_properties(examples: standard_artifacts.Examples):

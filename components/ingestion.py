@@ -59,7 +59,6 @@ DROP_REASONS = (
     LABEL_OUT_OF_RANGE,
 )
 
-IMAGE_EXTENSIONS_NOTE = "any format Pillow reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...)"
 _MAX_LISTED_DROPS = 50
 
 
@@ -637,7 +636,8 @@ def _tfrecord_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candida
     files = _tfrecord_files(settings.path)
     if settings.eval_split:
         eval_files = _tfrecord_files(settings.eval_split)
-        return {TRAIN_SPLIT: read(files, limit=settings.max_examples), EVAL_SPLIT: read(eval_files, limit=settings.max_examples)}
+        limit = settings.max_examples
+        return {TRAIN_SPLIT: read(files, limit=limit), EVAL_SPLIT: read(eval_files, limit=limit)}
     # A first pass counts records, so that the split holds indices in memory, not images.
     # As in byol_tf.data, max_examples keeps the first records of the stream.
     count = sum(1 for _ in _iterate_tfrecords(files))
@@ -702,6 +702,35 @@ def check_candidate(candidate: Candidate, *, image_size: int, num_classes: Optio
     return check_image(
         candidate.record_id, candidate.data or b"", candidate.label, image_size=image_size, num_classes=num_classes
     )
+
+
+def source_fingerprint(source: str, path: Optional[str] = None, eval_split: Optional[str] = None) -> str:
+    """A short hash of the names, sizes and modification times of a source's files.
+
+    TFX caches ImageExampleGen on its parameters alone, so a folder or TFRecord source
+    whose files changed would be served from the cache. Passing this value as
+    ImageExampleGen's `source_fingerprint` parameter (computed by the runner, which owns
+    the paths) makes any change to the files a cache miss. Sources inside installed
+    packages (mnist5k, digits) and TFDS (versioned) return "".
+    """
+    import hashlib
+
+    import tensorflow as tf
+
+    if source not in ("folder", "tfrecord"):
+        return ""
+    digest = hashlib.sha256()
+    for location in (path, eval_split):
+        if not location:
+            continue
+        if source == "folder" or tf.io.gfile.isdir(location):
+            files = [os.path.join(root, name) for root, _, names in tf.io.gfile.walk(location) for name in names]
+        else:
+            files = tf.io.gfile.glob(location)
+        for name in sorted(files):
+            stat = tf.io.gfile.stat(name)
+            digest.update(f"{name}\0{stat.length}\0{stat.mtime_nsec}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- writing

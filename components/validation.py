@@ -94,7 +94,8 @@ def curate_schema(
     curated.CopyFrom(schema)
     image = _feature(curated, IMAGE)
     if image is None or image.type != schema_pb2.BYTES:
-        raise ValueError(f"the examples have no '{IMAGE}' bytes feature (features: {[f.name for f in curated.feature]})")
+        names = [feature.name for feature in curated.feature]
+        raise ValueError(f"the examples have no '{IMAGE}' bytes feature (features: {names})")
     _require_one_value(image)
 
     label = _feature(curated, LABEL)

@@ -211,6 +211,8 @@ def test_folder_with_every_kind_of_bad_record(tmp_path):
         converted.update(summary["splits"][split]["converted_from"])
     assert converted == {"RGBA": 1, "I;16": 1, "L": 1}
     assert summary["splits"]["eval"]["total"] == 6
+    assert report.get_int_custom_property("dropped") == total["dropped"]
+    assert report.get_float_custom_property("bad_fraction") == pytest.approx(summary["bad_fraction"])
     dropped = {os.path.relpath(d["record"], folder): d["reason"] for d in summary["first_dropped_records"]}
     assert dropped == {name: reason for name, (status, reason) in fx.BAD_FILES.items() if status == "dropped"}
 
@@ -301,3 +303,23 @@ def test_component_parameters_and_outputs_are_declared():
     assert set(spec.OUTPUTS) == {"examples", "report"}
     assert {"source", "path", "image_size", "max_bad_fraction", "holdout_examples"} <= set(spec.PARAMETERS)
     assert example_gen.IngestionReport.TYPE_NAME == "byol_tf.IngestionReport"
+
+
+def test_source_fingerprint_changes_with_the_files(tmp_path):
+    folder = fx.clean_folder(str(tmp_path / "images"), classes=2, per_class=2)
+    before = ingestion.source_fingerprint("folder", folder)
+    assert before == ingestion.source_fingerprint("folder", folder) and len(before) == 16
+    fx.write(os.path.join(folder, "class_1", "new.png"), fx.png(99))
+    assert ingestion.source_fingerprint("folder", folder) != before
+    assert ingestion.source_fingerprint("mnist5k") == ""
+
+
+def test_folder_with_a_held_out_folder_uses_the_training_class_ids(tmp_path):
+    train = fx.clean_folder(str(tmp_path / "train"), classes=3, per_class=4)
+    held_out = str(tmp_path / "held_out")
+    fx.write(os.path.join(held_out, "class_2", "a.png"), fx.png(50))
+    fx.write(os.path.join(held_out, "class_2", "b.png"), fx.png(51))
+    examples, report = run_example_gen(tmp_path, source="folder", path=train, eval_split=held_out, image_size=fx.SIDE)
+    eval_records = fx.read_examples(os.path.join(examples.uri, "Split-eval", "*"))
+    assert [record["label"] for record in eval_records] == [2, 2]
+    assert read_report(report)["splits"]["train"]["written"] == 12
