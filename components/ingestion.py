@@ -647,20 +647,6 @@ def _tfrecord_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candida
     return {split: read(files, wanted=set(indices[split].tolist()), limit=count) for split in SPLITS}
 
 
-def _library_num_classes(settings: SourceSettings) -> Optional[int]:
-    if settings.num_classes:
-        return settings.num_classes
-    if settings.source in ("mnist5k", "digits"):
-        return 10
-    if settings.source == "tfds":
-        import tensorflow_datasets as tfds
-
-        features = tfds.builder(settings.name, data_dir=settings.tfds_data_dir).info.features
-        label = features["label"] if "label" in features else None
-        return getattr(label, "num_classes", None)
-    return None
-
-
 def _library_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candidate]]:
     """mnist5k / digits / tfds through byol_tf.data, so the split is the library's own."""
     from byol_tf import data as data_lib
@@ -688,7 +674,9 @@ def candidates(settings: SourceSettings) -> Tuple[Dict[str, Iterator[Candidate]]
     if settings.source == "tfrecord":
         settings.data_config()
         return _tfrecord_candidates(settings), settings.num_classes
-    return _library_candidates(settings), _library_num_classes(settings)
+    from byol_tf import data as data_lib
+
+    return _library_candidates(settings), data_lib.num_classes(settings.data_config())
 
 
 def check_candidate(candidate: Candidate, *, image_size: int, num_classes: Optional[int]) -> RecordResult:

@@ -323,3 +323,18 @@ def test_folder_with_a_held_out_folder_uses_the_training_class_ids(tmp_path):
     eval_records = fx.read_examples(os.path.join(examples.uri, "Split-eval", "*"))
     assert [record["label"] for record in eval_records] == [2, 2]
     assert read_report(report)["splits"]["train"]["written"] == 12
+
+
+def test_folder_split_is_byol_tf_data_split(tmp_path):
+    from byol_tf import config as config_lib, data as data_lib
+
+    folder = fx.clean_folder(str(tmp_path / "images"), classes=3, per_class=5)
+    examples, _ = run_example_gen(tmp_path, source="folder", path=folder, holdout_examples=4, seed=1)
+    cfg = config_lib.DataConfig(source="folder", path=folder, holdout_examples=4, seed=1)
+    for split, library_split in (("train", "train"), ("eval", "test")):
+        images, labels = data_lib.load_arrays(cfg, library_split)
+        records = fx.read_examples(os.path.join(examples.uri, f"Split-{split}", "*"))
+        # Ingestion reads each split in file order, the library in shuffled order.
+        ours = sorted((r["label"], decode(r["image"]).tobytes()) for r in records)
+        theirs = sorted((int(label), image.tobytes()) for image, label in zip(images, labels))
+        assert ours == theirs
