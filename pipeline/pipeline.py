@@ -1,0 +1,127 @@
+"""The BYOL TFX pipeline: ingestion -> validation -> pretraining -> linear evaluation -> push.
+
+`create_pipeline` takes every setting as an argument and has no side effects: the
+runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
+orchestrator. Components are thin adapters over `byol_tf`:
+
+    ImageExampleGen -> StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
+         |                                                                   |
+         +-- examples --------------------------------------------> Trainer (run_fn: byol_tf.training)
+         |                                                                   | model
+         +-- examples --> LinearEval (byol_tf.evaluation) <------------------+
+                             ^ latest blessed model + blessing (Resolver over ML Metadata)
+                             | blessing
+                          Pusher (model -> push_destination/<timestamp>/)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from tfx import v1 as tfx
+
+DEFAULT_BLESSING_MARGIN = 0.01
+TRAINER_RUN_FN = "components.trainer_module.run_fn"
+
+# Node ids, also the task names in the compiled Vertex pipeline.
+EXAMPLE_GEN = "ImageExampleGen"
+TRAINER = "Trainer"
+LATEST_BLESSED_MODEL_RESOLVER = "latest_blessed_model_resolver"
+LINEAR_EVAL = "LinearEval"
+PUSHER = "Pusher"
+
+
+def create_pipeline(
+    pipeline_name: str,
+    pipeline_root: str,
+    config_dict: Mapping[str, Any],
+    metadata_connection_config=None,
+    beam_pipeline_args: Sequence[str] | None = None,
+    push_destination: str | None = None,
+    blessing_margin=DEFAULT_BLESSING_MARGIN,
+    enable_cache: bool = True,
+    max_bad_fraction=0.01,
+) -> tfx.dsl.Pipeline:
+    """Builds the pipeline (nothing runs, nothing is written).
+
+    Args:
+        pipeline_name: the pipeline's name in ML Metadata (the cache is per name).
+        pipeline_root: folder (or gs:// path) for the artifacts.
+        config_dict: the whole experiment config, `byol_tf.config.to_dict(config)`; it is
+            validated here.
+        metadata_connection_config: ML Metadata connection (None on Vertex, which has its own).
+        beam_pipeline_args: for the Beam-based components (DirectRunner, Dataflow, ...).
+        push_destination: base folder of the pushed encoders (one timestamped folder per push).
+        blessing_margin: required top-1 gain of the BYOL encoder over a random-init
+            encoder (fraction; 0.01 = one point); a float or a RuntimeParameter.
+        enable_cache: reuse executions whose inputs and parameters are unchanged.
+        max_bad_fraction: ImageExampleGen fails when more records than this are bad;
+            a float or a RuntimeParameter.
+
+    Returns:
+        A `tfx.dsl.Pipeline`.
+
+    Raises:
+        byol_tf.config.ConfigError: `config_dict` is not a valid config.
+        ValueError: `push_destination` is missing.
+    """
+    from byol_tf import config as config_lib
+    from components import example_gen as example_gen_lib
+    from components import linear_eval as linear_eval_lib
+    from components import validation as validation_lib
+
+    if not push_destination:
+        raise ValueError("create_pipeline: push_destination (where blessed encoders go) is required")
+    config = config_lib.from_dict(config_dict)
+    # Normalised (defaults filled in, tuples as lists): the same experiment always gives
+    # the same parameters, so the cache recognises it.
+    config_dict = config_lib.to_dict(config)
+
+    example_gen = example_gen_lib.image_example_gen_from_config(config, max_bad_fraction=max_bad_fraction).with_id(
+        EXAMPLE_GEN
+    )
+    examples = example_gen.outputs["examples"]
+    validation = validation_lib.validation_components(
+        examples, num_classes=config.data.num_classes, image_size=config.augment.image_size
+    )
+
+    trainer = tfx.components.Trainer(
+        run_fn=TRAINER_RUN_FN,
+        examples=examples,
+        # The gate's output exists only when ExampleValidator found no anomaly: the
+        # Trainer (and everything after it) cannot run on data that failed validation.
+        schema=validation["validation_gate"].outputs["validated_schema"],
+        custom_config=config_dict,
+    ).with_id(TRAINER)
+
+    latest_blessed = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id(LATEST_BLESSED_MODEL_RESOLVER)
+
+    linear_eval = linear_eval_lib.LinearEval(
+        examples=examples,
+        model=trainer.outputs["model"],
+        config=config_dict,
+        blessing_margin=blessing_margin,
+        baseline_model=latest_blessed.outputs["model"],
+        baseline_blessing=latest_blessed.outputs["model_blessing"],
+    ).with_id(LINEAR_EVAL)
+
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=linear_eval.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_destination)
+        ),
+    ).with_id(PUSHER)
+
+    return tfx.dsl.Pipeline(
+        pipeline_name=pipeline_name,
+        pipeline_root=pipeline_root,
+        components=[example_gen, *validation.values(), trainer, latest_blessed, linear_eval, pusher],
+        enable_cache=enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(beam_pipeline_args or []),
+    )

@@ -1,0 +1,350 @@
+"""Tests of the TFX pipeline: blessing rule, LinearEval + Pusher, Trainer input, Vertex compile, end-to-end runs."""
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "0"  # tfx.v1 would hand Keras 2 to child processes
+
+import json
+
+import ml_metadata as mlmd
+import numpy as np
+import pytest
+import tensorflow as tf
+from fixtures import images as fx
+from tfx.components.pusher import executor as pusher_executor
+from tfx.dsl.compiler import constants
+from tfx.orchestration import metadata
+from tfx.types import artifact_utils, standard_artifacts
+
+from byol_tf import config as config_lib
+from byol_tf import networks
+from components import examples_io, linear_eval
+from pipeline import kubeflow_v2_runner, local_runner
+from pipeline import pipeline as pipeline_lib
+
+SMOKE = "configs/smoke.yaml"
+CLASSES = 3
+INGESTION_AND_VALIDATION = ("ImageExampleGen", "StatisticsGen", "ImageSchemaGen", "ExampleValidator", "ValidationGate")
+COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
+
+
+# ------------------------------------------------------------------ the blessing rule
+
+
+@pytest.mark.parametrize(
+    "byol, random_init, margin, baseline, same, blessed, reason",
+    [
+        (0.60, 0.50, 0.01, None, False, True, "no earlier blessed encoder"),
+        (0.505, 0.50, 0.01, None, False, False, "random-init top-1 0.5000 + margin 0.0100"),
+        (0.51, 0.50, 0.01, None, False, True, "no earlier blessed encoder"),  # exactly the margin
+        (0.60, 0.50, 0.01, 0.61, False, False, "latest blessed encoder's 0.6100"),
+        (0.61, 0.50, 0.01, 0.61, False, True, "latest blessed encoder's 0.6100"),  # equal is not worse
+        (0.60, 0.50, 0.01, 0.61, True, True, "latest blessed encoder itself"),
+        (0.40, 0.50, -1.0, None, False, True, "margin -1.0000"),
+    ],
+)
+def test_blessing_rule(byol, random_init, margin, baseline, same, blessed, reason):
+    decision = linear_eval.decide_blessing(byol, random_init, margin, baseline, same_model_as_baseline=same)
+    assert decision.blessed is blessed
+    assert reason in decision.message
+    assert decision.message.startswith("blessed" if blessed else "not blessed")
+
+
+def test_margin_comes_first_even_for_the_latest_blessed_encoder():
+    decision = linear_eval.decide_blessing(0.5, 0.6, 0.01, 0.5, same_model_as_baseline=True)
+    assert not decision.blessed
+
+
+# ------------------------------------------------------------------ small artifacts
+
+
+def write_examples(root, train=24, eval_=12, side=fx.SIDE):
+    """An Examples artifact laid out as ImageExampleGen writes it (GZIP, Split-<name>/)."""
+    for split, count, offset in (("train", train, 0), ("eval", eval_, 1000)):
+        records = [fx.tf_example(fx.png(offset + i), i % CLASSES, side, side) for i in range(count)]
+        fx.write_tfrecord(os.path.join(root, f"Split-{split}", "data_tfrecord-00000-of-00001.gz"), records, gzip=True)
+    examples = standard_artifacts.Examples()
+    examples.uri = root
+    examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
+    return examples
+
+
+def smoke_config(**evaluation):
+    raw = config_lib.to_dict(config_lib.load(SMOKE))
+    raw["evaluation"].update(evaluation)
+    return config_lib.from_dict(raw)
+
+
+def test_split_summary_counts_classes_and_fixed_size(tmp_path):
+    examples = write_examples(str(tmp_path), train=7, eval_=5)
+    summary = examples_io.summarize_split(examples_io.split_file_patterns(examples, "train"))
+    assert (summary.num_examples, summary.num_classes, summary.image_shape) == (7, CLASSES, (fx.SIDE, fx.SIDE, 3))
+    images, labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
+    assert images.shape == (5, fx.SIDE, fx.SIDE, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.arange(5) % CLASSES)
+
+
+def test_mixed_sizes_leave_the_shape_open(tmp_path):
+    path = str(tmp_path / "Split-train" / "a.gz")
+    fx.write_tfrecord(
+        path,
+        [fx.tf_example(fx.png(0), 0, fx.SIDE, fx.SIDE), fx.tf_example(fx.png(1, (9, 9, 3)), 1, 9, 9)],
+        gzip=True,
+    )
+    summary = examples_io.summarize_split([str(tmp_path / "Split-train" / "*")])
+    assert summary.image_shape is None and summary.num_examples == 2
+    with pytest.raises(ValueError, match="differ in shape"):
+        examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
+
+
+def test_no_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no TFRecord file matches"):
+        examples_io.summarize_split([str(tmp_path / "nothing" / "*")])
+
+
+def model_artifact(root, config, artifact_id=11):
+    """A Model artifact holding a random-init encoder where the Trainer puts it."""
+    serving = os.path.join(root, "Format-Serving")
+    os.makedirs(serving)
+    networks.build_encoder(config.network, config.augment.image_size).save(os.path.join(serving, "encoder.keras"))
+    model = standard_artifacts.Model()
+    model.uri = root
+    model.id = artifact_id
+    return model
+
+
+def output(artifact_class, root):
+    artifact = artifact_class()
+    artifact.uri = root
+    os.makedirs(root)
+    return artifact
+
+
+def test_linear_eval_does_not_bless_a_regression_and_pusher_pushes_nothing(tmp_path):
+    config = smoke_config(l2_sweep=[0.0], linear_epochs=2)
+    examples = write_examples(str(tmp_path / "examples"))
+    model = model_artifact(str(tmp_path / "model"), config)
+    baseline_model = standard_artifacts.Model()
+    baseline_model.uri, baseline_model.id = str(tmp_path / "old_model"), 5
+    baseline_blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "old_blessing"))
+    baseline_blessing.set_int_custom_property("blessed", 1)
+    baseline_blessing.set_float_custom_property(linear_eval.BYOL_TOP1_KEY, 1.0)  # nothing can beat it
+    metrics = output(linear_eval.LinearEvalMetrics, str(tmp_path / "metrics"))
+    blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
+
+    linear_eval.Executor().Do(
+        {
+            "examples": [examples],
+            "model": [model],
+            "baseline_model": [baseline_model],
+            "baseline_blessing": [baseline_blessing],
+        },
+        {"evaluation": [metrics], "blessing": [blessing]},
+        # A margin of -1 passes the random-init test: only the regression can refuse it.
+        {"config": json.dumps(config_lib.to_dict(config)), "blessing_margin": -1.0},
+    )
+
+    with open(os.path.join(metrics.uri, linear_eval.METRICS_FILE)) as stream:
+        document = json.load(stream)
+    assert list(document["rows"]) == ["byol", "random_init", "raw_pixels"]
+    assert document["blessing"]["baseline_top1"] == 1.0 and not document["blessing"]["blessed"]
+    assert blessing.get_int_custom_property("blessed") == 0
+    assert blessing.get_int_custom_property("current_model_id") == 11
+    assert blessing.get_int_custom_property("baseline_model_id") == 5
+    assert "latest blessed encoder's 1.0000" in blessing.get_string_custom_property("blessing_message")
+    assert os.path.exists(os.path.join(blessing.uri, linear_eval.NOT_BLESSED_FILE))
+    assert metrics.get_float_custom_property("byol_top1") == document["rows"]["byol"]["top1"]
+
+    destination = tmp_path / "serving_model"
+    pushed = output(standard_artifacts.PushedModel, str(tmp_path / "pushed"))
+    pusher_executor.Executor().Do(
+        {"model": [model], "model_blessing": [blessing]},
+        {"pushed_model": [pushed]},
+        {"push_destination": json.dumps({"filesystem": {"base_directory": str(destination)}})},
+    )
+    assert pushed.get_int_custom_property("pushed") == 0
+    assert not destination.exists()
+
+
+def test_a_foreign_blessing_without_top1_is_refused(tmp_path):
+    blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
+    with pytest.raises(ValueError, match="records no byol top-1"):
+        linear_eval.baseline_top1_of(blessing)
+
+
+# ------------------------------------------------------------------ pipeline definition
+
+
+def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
+    config = config_lib.to_dict(config_lib.load(SMOKE))
+    pipeline = pipeline_lib.create_pipeline(
+        pipeline_name="p",
+        pipeline_root=str(tmp_path / "root"),
+        config_dict=config,
+        push_destination=str(tmp_path / "push"),
+    )
+    ids = [component.id for component in pipeline.components]
+    assert ids[0] == "ImageExampleGen" and ids[-2:] == ["LinearEval", "Pusher"]
+    assert pipeline.enable_cache
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="push_destination"):
+        pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination=None)
+    with pytest.raises(config_lib.ConfigError, match="train.epochs"):
+        pipeline_lib.create_pipeline("p", str(tmp_path), {"train": {"epochs": 0}}, push_destination="x")
+
+
+def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parameters(tmp_path):
+    image = "europe-docker.pkg.dev/my-project/byol/byol-tf:test"
+    path = kubeflow_v2_runner.compile_pipeline(
+        SMOKE,
+        str(tmp_path / "out" / "byol.json"),
+        ["train.epochs=2"],
+        image=image,
+        pipeline_root="gs://bucket/root",
+        blessing_margin=0.02,
+    )
+    with open(path) as stream:
+        job = json.load(stream)
+    spec = job["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    resolvers = {
+        "latest_blessed_model_resolver-model-blessing-resolver",
+        "latest_blessed_model_resolver-model-resolver",
+    }
+    assert set(tasks) == set(COMPONENTS) | resolvers
+
+    def upstream(name, seen=None):
+        seen = set() if seen is None else seen
+        for dependency in tasks[name].get("dependentTasks", []):
+            if dependency not in seen:
+                seen.add(dependency)
+                upstream(dependency, seen)
+        return seen
+
+    for before, after in zip(COMPONENTS, COMPONENTS[1:]):
+        assert before in upstream(after), f"{after} does not run after {before}"
+    assert "latest_blessed_model_resolver-model-resolver" in upstream("LinearEval")
+    assert "Trainer" in tasks["Pusher"]["dependentTasks"] and "LinearEval" in tasks["Pusher"]["dependentTasks"]
+
+    # Runtime parameters: declared at the root, defaults in the job, wired into the tasks.
+    assert spec["root"]["inputDefinitions"]["parameters"] == {
+        "blessing_margin": {"type": "DOUBLE"},
+        "max_bad_fraction": {"type": "DOUBLE"},
+    }
+    assert job["runtimeConfig"]["parameters"] == {
+        "blessing_margin": {"doubleValue": 0.02},
+        "max_bad_fraction": {"doubleValue": 0.01},
+    }
+    assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://bucket/root"
+    parameters = tasks["LinearEval"]["inputs"]["parameters"]
+    assert parameters["blessing_margin"] == {"componentInputParameter": "blessing_margin"}
+    assert tasks["ImageExampleGen"]["inputs"]["parameters"]["max_bad_fraction"] == {
+        "componentInputParameter": "max_bad_fraction"
+    }
+
+    # The Trainer gets the whole config, overrides applied, and our run_fn.
+    trainer = tasks["Trainer"]["inputs"]["parameters"]
+    custom_config = json.loads(trainer["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert custom_config["train"]["epochs"] == 2
+    assert trainer["run_fn"]["runtimeValue"]["constantValue"]["stringValue"] == pipeline_lib.TRAINER_RUN_FN
+    push = json.loads(tasks["Pusher"]["inputs"]["parameters"]["push_destination"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert push["filesystem"]["base_directory"] == "gs://bucket/root/serving_model"
+
+    executors = spec["deploymentSpec"]["executors"]
+    containers = [executor["container"] for executor in executors.values() if "container" in executor]
+    assert len(containers) == len(COMPONENTS)
+    assert {container["image"] for container in containers} == {image}
+    linear_eval_args = executors["LinearEval_executor"]["container"]["args"]
+    assert linear_eval_args[linear_eval_args.index("--executor_class_path") + 1] == "components.linear_eval.Executor"
+    output_types = spec["components"]["LinearEval"]["outputDefinitions"]["artifacts"]
+    assert "byol_tf.LinearEvalMetrics" in output_types["evaluation"]["artifactType"]["instanceSchema"]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def executions_by_node(metadata_path, pipeline_name):
+    """node id -> [(run context name, state name)] of every execution in the store."""
+    store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
+    type_names = {t.id: t.name for t in store.get_context_types()}
+    result = {}
+    for execution in store.get_executions():
+        contexts = store.get_contexts_by_execution(execution.id)
+        by_type = {type_names[c.type_id]: c.name for c in contexts}
+        if by_type.get(constants.PIPELINE_CONTEXT_TYPE_NAME) != pipeline_name:
+            continue
+        node = by_type[constants.NODE_CONTEXT_TYPE_NAME].split(".", 1)[1]
+        state = mlmd.proto.Execution.State.Name(execution.last_known_state)
+        result.setdefault(node, []).append((by_type[constants.PIPELINE_RUN_CONTEXT_TYPE_NAME], state))
+    return result
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("pipeline_output"))
+    # Smoke training is too short to beat random init: a margin of -1 makes it blessed, so
+    # the push path is exercised; the rule itself is tested above.
+    summary = local_runner.run(SMOKE, output_dir=output_dir, blessing_margin=-1.0)
+    return output_dir, summary
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(first_run, capsys):
+    output_dir, summary = first_run
+    name = local_runner.default_pipeline_name(SMOKE)
+    paths = local_runner.run_paths(output_dir, name)
+
+    executions = executions_by_node(paths.metadata_path, name)
+    for component in COMPONENTS:
+        assert [state for _, state in executions[component]] == ["COMPLETE"], component
+
+    document = summary.linear_eval
+    assert list(document["rows"]) == ["byol", "random_init", "raw_pixels"]
+    for row in document["rows"].values():
+        assert 0.0 <= row["top1"] <= row["top5"] <= 1.0
+    assert document["num_test"] == config_lib.load(SMOKE).data.holdout_examples
+    assert summary.blessed
+
+    assert summary.pushed_to and os.path.dirname(summary.pushed_to) == paths.serving_model_dir
+    pushed = os.listdir(summary.pushed_to)
+    assert {"saved_model.pb", "encoder.keras", "config.yaml", "metrics.json"} <= set(pushed)
+    loaded = tf.saved_model.load(summary.pushed_to)
+    outputs = loaded.signatures["serving_default"](image_bytes=tf.constant([fx.png(1), fx.png(2, (40, 30, 3))]))
+    embedding = outputs["embedding"].numpy()
+    assert embedding.shape == (2, document["rows"]["byol"]["feature_dim"])
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-4)
+
+    text = summary.format()
+    assert f"blessed encoder pushed to {summary.pushed_to}" in text and "random_init" in text
+
+
+@pytest.mark.slow
+def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_worse(first_run):
+    output_dir, first = first_run
+    name = local_runner.default_pipeline_name(SMOKE)
+    metadata_path = local_runner.run_paths(output_dir, name).metadata_path
+
+    # Same config: everything up to the Trainer is reused; the encoder IS the latest
+    # blessed one, so it stays blessed.
+    second = local_runner.run(SMOKE, output_dir=output_dir, blessing_margin=-1.0)
+    for component in (*INGESTION_AND_VALIDATION, "Trainer"):
+        assert second.states[component] == ["CACHED"], component
+    assert second.states["LinearEval"] == ["COMPLETE"]
+    assert second.blessed and "latest blessed encoder itself" in second.blessing_message
+
+    # Another training seed: data steps still cached, a new encoder is trained and blessed
+    # only if its top-1 is not below the blessed one's.
+    third = local_runner.run(SMOKE, ["train.seed=1"], output_dir=output_dir, blessing_margin=-1.0)
+    for component in INGESTION_AND_VALIDATION:
+        assert third.states[component] == ["CACHED"], component
+    assert third.states["Trainer"] == ["COMPLETE"]
+    new_top1 = third.linear_eval["rows"]["byol"]["top1"]
+    blessed_top1 = second.linear_eval["rows"]["byol"]["top1"]
+    assert third.linear_eval["blessing"]["baseline_top1"] == pytest.approx(blessed_top1)
+    assert third.blessed == (new_top1 >= blessed_top1)
+    assert (third.pushed_to is not None) == third.blessed
+
+    executions = executions_by_node(metadata_path, name)
+    assert len({run for run, _ in executions["ImageExampleGen"]}) == 3
+    assert [state for _, state in executions["Trainer"]].count("COMPLETE") == 2
+    assert first.run_id != second.run_id != third.run_id
