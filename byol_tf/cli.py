@@ -18,6 +18,8 @@ import sys
 os.environ["TF_USE_LEGACY_KERAS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+EXPORT_FOLDER = "export"  # `byol-tf train` exports to RUN_DIR/export
+
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
     parser.add_argument("--config", required=required, help="YAML experiment file (see configs/)")
@@ -39,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--run-dir", help="output folder (default: train.run_dir of the config)")
     train.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
+
+    evaluate = commands.add_parser(
+        "eval", help="linear evaluation of a saved encoder, beside random-init and raw-pixel baselines"
+    )
+    evaluate.add_argument("--encoder", required=True, help="a Keras encoder file (RUN_DIR/encoder.keras)")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--out", help="also write the report as JSON to this file")
+    evaluate.add_argument("--no-baselines", action="store_true", help="evaluate the encoder only")
+
+    export = commands.add_parser("export", help="export a run's encoder as a SavedModel for serving")
+    export.add_argument("--run", required=True, help="a run folder written by `byol-tf train`")
+    export.add_argument("--out", required=True, help="the export folder to create")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     return parser
 
 
@@ -50,14 +65,69 @@ def _load_config(args):
 
 def _train(args) -> int:
     cfg = _load_config(args)  # before the heavy imports: a bad config fails in a second
-    from byol_tf import training
+    from byol_tf import evaluation, export, training
 
     result = training.train(cfg, run_dir=args.run_dir)
     print(f"encoder saved to {result.encoder_path}")
+    metrics = None
+    if not args.no_eval:
+        try:
+            report = evaluation.evaluate(result.encoder, cfg)
+        except evaluation.NoLabelsError as error:
+            print(f"no linear evaluation: {error}")
+        else:
+            metrics = report.to_dict()
+            print(report.format_table())
+            path = os.path.join(result.run_dir, export.EVALUATION_FILE)
+            _write_json(metrics, path)
+            print(f"evaluation written to {path}")
+    # The export records the metrics just measured; a rerun in the same folder replaces it.
+    export_dir = export.export_encoder(
+        result.encoder,
+        os.path.join(result.run_dir, EXPORT_FOLDER),
+        cfg.augment.image_size,
+        config=cfg,
+        metrics=metrics,
+        overwrite=True,
+    )
+    print(f"SavedModel exported to {export_dir}")
     return 0
 
 
-COMMANDS = {"train": _train}
+def _evaluate(args) -> int:
+    cfg = _load_config(args)
+    if not os.path.isfile(args.encoder):
+        raise ValueError(f"--encoder: {args.encoder!r} does not exist")
+    import keras
+
+    from byol_tf import evaluation
+
+    encoder = keras.models.load_model(args.encoder, compile=False)
+    report = evaluation.evaluate(encoder, cfg, baselines=False if args.no_baselines else None)
+    print(report.format_table())
+    if args.out:
+        _write_json(report.to_dict(), args.out)
+        print(f"evaluation written to {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from byol_tf import export
+
+    export_dir = export.export_run(args.run, args.out, overwrite=args.overwrite)
+    print(f"SavedModel exported to {export_dir}")
+    return 0
+
+
+def _write_json(value, path: str):
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(value, stream, indent=2, sort_keys=True)
+
+
+COMMANDS = {"train": _train, "eval": _evaluate, "export": _export}
 
 
 def main(argv=None) -> int:

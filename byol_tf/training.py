@@ -157,6 +157,8 @@ def train(
         byol_callbacks.CollapseGuard(),
         *extra_callbacks,
     ]
+    if config.evaluation.knn_every_epochs > 0:  # first: TensorBoard logs the knn_accuracy it adds
+        callbacks.insert(0, byol_callbacks.KNNMonitor.from_config(config))
     history = model.fit(
         dataset, epochs=config.train.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=config.train.verbose
     )
