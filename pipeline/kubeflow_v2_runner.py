@@ -67,6 +67,7 @@ def compile_pipeline(
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     blessing_margin: float | None = None,
     max_bad_fraction: float = 0.01,
+    source_fingerprint: str | None = None,
 ) -> str:
     """Writes the Vertex / Kubeflow v2 pipeline job JSON for a config.
 
@@ -81,6 +82,9 @@ def compile_pipeline(
         beam_pipeline_args: for the Beam-based components (e.g. `dataflow_beam_args`).
         blessing_margin: default of the `blessing_margin` runtime parameter.
         max_bad_fraction: default of the `max_bad_fraction` runtime parameter.
+        source_fingerprint: `components.ingestion.source_fingerprint` of a folder /
+            TFRecord source, when the compiling machine can list it: a new value (new
+            files) makes ImageExampleGen a cache miss on Vertex too.
 
     Returns:
         `output_file`.
@@ -107,6 +111,7 @@ def compile_pipeline(
         max_bad_fraction=tfx.dsl.experimental.RuntimeParameter(
             name=MAX_BAD_FRACTION_PARAMETER, ptype=float, default=float(max_bad_fraction)
         ),
+        source_fingerprint=source_fingerprint,
     )
     output_dir, filename = os.path.split(os.path.abspath(output_file))
     os.makedirs(output_dir, exist_ok=True)

@@ -210,6 +210,7 @@ def run(
     from tfx import v1 as tfx
 
     from byol_tf import config as config_lib
+    from components import ingestion
     from pipeline import pipeline as pipeline_lib
 
     config = config_lib.load(config_path, overrides)
@@ -225,6 +226,8 @@ def run(
         push_destination=paths.serving_model_dir,
         blessing_margin=pipeline_lib.DEFAULT_BLESSING_MARGIN if blessing_margin is None else blessing_margin,
         enable_cache=enable_cache,
+        # Changed files in a folder / TFRecord source must not be served from the cache.
+        source_fingerprint=ingestion.source_fingerprint(config.data.source, config.data.path, config.data.eval_split),
     )
     tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
     summary = summarize_run(paths.metadata_path, name)

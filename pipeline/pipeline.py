@@ -41,6 +41,7 @@ def create_pipeline(
     blessing_margin=DEFAULT_BLESSING_MARGIN,
     enable_cache: bool = True,
     max_bad_fraction=0.01,
+    source_fingerprint: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline (nothing runs, nothing is written).
 
@@ -57,6 +58,9 @@ def create_pipeline(
         enable_cache: reuse executions whose inputs and parameters are unchanged.
         max_bad_fraction: ImageExampleGen fails when more records than this are bad;
             a float or a RuntimeParameter.
+        source_fingerprint: a hash of a folder / TFRecord source's files
+            (`components.ingestion.source_fingerprint`, computed by the runner): part of
+            ImageExampleGen's cache key, so changed files are read again.
 
     Returns:
         A `tfx.dsl.Pipeline`.
@@ -77,9 +81,10 @@ def create_pipeline(
     # the same parameters, so the cache recognises it.
     config_dict = config_lib.to_dict(config)
 
-    example_gen = example_gen_lib.image_example_gen_from_config(config, max_bad_fraction=max_bad_fraction).with_id(
-        EXAMPLE_GEN
-    )
+    example_gen_options = {"max_bad_fraction": max_bad_fraction}
+    if source_fingerprint:
+        example_gen_options["source_fingerprint"] = source_fingerprint
+    example_gen = example_gen_lib.image_example_gen_from_config(config, **example_gen_options).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
     validation = validation_lib.validation_components(
         examples, num_classes=config.data.num_classes, image_size=config.augment.image_size

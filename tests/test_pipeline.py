@@ -187,6 +187,10 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
     assert ids[0] == "ImageExampleGen" and ids[-2:] == ["LinearEval", "Pusher"]
     assert pipeline.enable_cache
     assert list(tmp_path.iterdir()) == []
+    fingerprinted = pipeline_lib.create_pipeline(
+        "p", str(tmp_path / "root"), config, push_destination="x", source_fingerprint="abc123"
+    )
+    assert fingerprinted.components[0].exec_properties["source_fingerprint"] == "abc123"
     with pytest.raises(ValueError, match="push_destination"):
         pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination=None)
     with pytest.raises(config_lib.ConfigError, match="train.epochs"):
