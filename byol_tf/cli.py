@@ -54,7 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="a run folder written by `byol-tf train`")
     export.add_argument("--out", required=True, help="the export folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+
+    _add_pipeline_parser(commands)
     return parser
+
+
+def _add_pipeline_parser(commands):
+    pipeline = commands.add_parser("pipeline", help="the TFX pipeline: run it locally or compile it for Vertex AI")
+    actions = pipeline.add_subparsers(dest="pipeline_command", required=True)
+
+    run = actions.add_parser("run", help="run the pipeline here (LocalDagRunner, ML Metadata in SQLite)")
+    _add_config_arguments(run)
+    run.add_argument("--output-dir", default="pipeline_output", help="artifacts, metadata and pushed encoders go here")
+    run.add_argument("--blessing-margin", type=float, help="required top-1 gain over random init (default 0.01)")
+    run.add_argument("--no-cache", action="store_true", help="rerun every component even if nothing changed")
+
+    compile_ = actions.add_parser("compile", help="compile the pipeline to a Kubeflow v2 / Vertex AI job file")
+    compile_.add_argument("--target", choices=["vertex"], default="vertex", help="orchestrator (vertex: KFP v2 JSON)")
+    _add_config_arguments(compile_)
+    compile_.add_argument("--out", required=True, help="the pipeline JSON file to write")
+    compile_.add_argument("--image", help="container image of every step, built from the Dockerfile")
+    compile_.add_argument("--pipeline-root", help="gs:// folder for artifacts")
+    compile_.add_argument("--push-destination", help="gs:// folder for pushed encoders (default PIPELINE_ROOT/serving_model)")
+    compile_.add_argument(
+        "--beam-arg",
+        dest="beam_args",
+        action="append",
+        default=None,
+        metavar="ARG",
+        help="a Beam pipeline argument, e.g. --beam-arg=--runner=DataflowRunner (repeatable)",
+    )
 
 
 def _load_config(args):
@@ -119,6 +148,34 @@ def _export(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    _load_config(args)  # a bad config fails in a second, before TFX is imported
+    if args.pipeline_command == "run":
+        from pipeline import local_runner
+
+        local_runner.run(
+            args.config,
+            args.overrides,
+            output_dir=args.output_dir,
+            blessing_margin=args.blessing_margin,
+            enable_cache=not args.no_cache,
+        )
+        return 0
+    from pipeline import kubeflow_v2_runner
+
+    options = {
+        "image": args.image,
+        "pipeline_root": args.pipeline_root,
+        "push_destination": args.push_destination,
+        "beam_pipeline_args": args.beam_args,
+    }
+    path = kubeflow_v2_runner.compile_pipeline(
+        args.config, args.out, args.overrides, **{key: value for key, value in options.items() if value is not None}
+    )
+    print(f"Vertex AI pipeline written to {path}")
+    return 0
+
+
 def _write_json(value, path: str):
     import json
 
@@ -127,7 +184,7 @@ def _write_json(value, path: str):
         json.dump(value, stream, indent=2, sort_keys=True)
 
 
-COMMANDS = {"train": _train, "eval": _evaluate, "export": _export}
+COMMANDS = {"train": _train, "eval": _evaluate, "export": _export, "pipeline": _pipeline}
 
 
 def main(argv=None) -> int:

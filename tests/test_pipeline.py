@@ -352,3 +352,27 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
     assert len({run for run, _ in executions["ImageExampleGen"]}) == 3
     assert [state for _, state in executions["Trainer"]].count("COMPLETE") == 2
     assert first.run_id != second.run_id != third.run_id
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_compile_writes_the_vertex_file(tmp_path, capsys):
+    from byol_tf import cli
+
+    out = tmp_path / "vertex" / "byol.json"
+    assert cli.main(["pipeline", "compile", "--target", "vertex", "--config", SMOKE, "--out", str(out),
+                     "--image", "gcr.io/p/byol-tf:1", "--beam-arg=--runner=DataflowRunner"]) == 0
+    assert f"Vertex AI pipeline written to {out}" in capsys.readouterr().out
+    executors = json.loads(out.read_text())["pipelineSpec"]["deploymentSpec"]["executors"]
+    args = executors["StatisticsGen_executor"]["container"]["args"]
+    assert "--runner=DataflowRunner" in args
+
+
+def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
+    from byol_tf import cli
+
+    code = cli.main(["pipeline", "run", "--config", SMOKE, "--set", "train.epochs=0", "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert "byol-tf pipeline: error: train.epochs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
