@@ -14,8 +14,8 @@ installed (see the repository's Dockerfile). Build and push it, compile, then su
 The same `create_pipeline` as the local runner is compiled; Vertex keeps ML Metadata
 itself. The blessing margin and the ingestion's maximum bad-record fraction are runtime
 parameters (set them at submission, e.g. `parameter_values={"blessing_margin": 0.02}`).
-Beam-based components (StatisticsGen, SchemaGen's inputs, ExampleValidator) take
-`beam_pipeline_args`, e.g. `dataflow_beam_args(...)` to run them on Dataflow.
+The Beam-based component (StatisticsGen) takes `beam_pipeline_args`, e.g.
+`dataflow_beam_args(...)` to run it on Dataflow.
 
 Nothing here needs Google Cloud credentials: compiling only writes a file.
 """

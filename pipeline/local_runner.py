@@ -200,7 +200,7 @@ def run(
         pipeline_name: default `byol-tf-<config stem>`; the cache is per pipeline name.
         blessing_margin: required top-1 gain over the random-init encoder (fraction);
             default `pipeline.DEFAULT_BLESSING_MARGIN`.
-        beam_pipeline_args: for StatisticsGen and the other Beam-based components.
+        beam_pipeline_args: for the Beam-based component (StatisticsGen).
         enable_cache: reuse executions whose inputs and parameters are unchanged.
         quiet: do not print the summary.
 
