@@ -202,7 +202,15 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Length of pretraining, the target EMA, logging and where outputs go."""
+    """Length of pretraining, the target EMA, logging, fault tolerance and where outputs go.
+
+    gradient_accumulation_steps: each optimizer step sums the gradients of this many
+    micro-batches of `data.batch_size / gradient_accumulation_steps` (the effective batch
+    stays `data.batch_size`); BN moving statistics and the target EMA step once per step.
+    checkpoint_every_steps: also back up every N steps (0: only at the end of each epoch).
+    keep_checkpoints: backups kept in RUN_DIR/backup; 0 turns backup and resume off.
+    deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
+    """
 
     epochs: int = 100
     steps_per_epoch: int | None = None
@@ -213,6 +221,10 @@ class TrainConfig:
     seed: int = 0
     jit_compile: bool = False
     verbose: int = 1
+    gradient_accumulation_steps: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    deterministic: bool = False
 
     def validate(self, prefix: str):
         _check_range(f"{prefix}.epochs", self.epochs, 1, 10**6)
@@ -223,25 +235,44 @@ class TrainConfig:
         _check_range(f"{prefix}.verbose", self.verbose, 0, 2)
         if not self.run_dir:
             _fail(f"{prefix}.run_dir", "must not be empty")
+        _check_range(f"{prefix}.gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 4096)
+        _check_range(f"{prefix}.checkpoint_every_steps", self.checkpoint_every_steps, 0, 10**9)
+        _check_range(f"{prefix}.keep_checkpoints", self.keep_checkpoints, 0, 100)
 
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# auto: mixed_bfloat16 on TPU, float32 elsewhere.
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+DATASET_SHARDINGS = ("per_worker", "global_batch")
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributeConfig:
-    """tf.distribute strategy and numeric precision."""
+    """tf.distribute strategy, numeric precision and how the input is split over workers.
+
+    dataset_sharding (multi_worker and tpu): `per_worker` gives each worker its own shard of
+    the images and per-replica batches (input work scales out); `global_batch` has every
+    worker build the same global batches and keep its slice (the batches of one machine,
+    input work repeated on each worker). One-machine strategies always split the global batch.
+    """
 
     strategy: str = "default"
     num_cpu_devices: int = 0
     tpu_address: str | None = None
-    precision: str = "float32"
+    precision: str = "auto"
+    dataset_sharding: str = "per_worker"
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.strategy", self.strategy, STRATEGIES)
         _check_range(f"{prefix}.num_cpu_devices", self.num_cpu_devices, 0, 256)
+        if self.num_cpu_devices and self.strategy != "mirrored":
+            _fail(f"{prefix}.num_cpu_devices", f"is only used by strategy 'mirrored', not {self.strategy!r}")
+        if self.tpu_address and self.strategy != "tpu":
+            _fail(f"{prefix}.tpu_address", f"is only used by strategy 'tpu', not {self.strategy!r}")
         _check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        if self.precision == "mixed_float16" and self.strategy == "tpu":
+            _fail(f"{prefix}.precision", "TPUs compute in bfloat16, not float16: use 'mixed_bfloat16' or 'auto'")
+        _check_choice(f"{prefix}.dataset_sharding", self.dataset_sharding, DATASET_SHARDINGS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,25 @@
-"""One function from config to `tf.distribute` strategy.
+"""One place for `tf.distribute`: strategy, precision, input distribution, Keras workarounds.
 
 `default` (one device), `mirrored` (all local GPUs, or N logical CPU devices for tests),
-`multi_worker` (hosts from the `TF_CONFIG` environment variable), `tpu`.
+`multi_worker` (hosts from the `TF_CONFIG` environment variable), `tpu`. The batch in the
+config is GLOBAL: each of the strategy's replicas computes `batch / replicas` examples, and
+`BYOLModel` divides its loss by the global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from typing import Callable
+
+import keras
 import tensorflow as tf
+from absl import logging
 
 from byol_tf.config import DistributeConfig
+
+DatasetFn = Callable[[tf.distribute.InputContext | None], tf.data.Dataset]
 
 
 def configure_logical_cpus(count: int):
@@ -30,12 +41,36 @@ def configure_logical_cpus(count: int):
         ) from None
 
 
+def cluster_spec_from_env() -> dict | None:
+    """The parsed `TF_CONFIG` environment variable, or None when it is unset.
+
+    Raises:
+        ValueError: TF_CONFIG is not JSON or has no `cluster` / `task`.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"distribute.strategy: 'multi_worker' reads TF_CONFIG, which is not JSON: {error}") from None
+    if not isinstance(spec, dict) or "cluster" not in spec or "task" not in spec:
+        raise ValueError(
+            "distribute.strategy: 'multi_worker' needs TF_CONFIG = "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}'
+        )
+    return spec
+
+
 def strategy_from_config(config: DistributeConfig) -> tf.distribute.Strategy:
     """Returns the strategy the config asks for.
 
     Args:
         config: `distribute` section. `num_cpu_devices` > 0 with `mirrored` builds that many
             logical CPU devices (tests and CPU-only machines); otherwise all local GPUs.
+
+    Raises:
+        ValueError: a malformed TF_CONFIG, or no TPU at `tpu_address`.
     """
     if config.strategy == "default":
         return tf.distribute.get_strategy()
@@ -46,10 +81,194 @@ def strategy_from_config(config: DistributeConfig) -> tf.distribute.Strategy:
             return tf.distribute.MirroredStrategy(devices[: config.num_cpu_devices])
         return tf.distribute.MirroredStrategy()
     if config.strategy == "multi_worker":
+        if cluster_spec_from_env() is None:
+            logging.warning("distribute.strategy='multi_worker' without TF_CONFIG: training on this host only")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if config.strategy == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu_address or "")
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu_address or "")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as error:
+            raise ValueError(
+                f"distribute.strategy: 'tpu' found no TPU at distribute.tpu_address="
+                f"{config.tpu_address!r} (a TPU name, grpc:// address or 'local'): {error}"
+            ) from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"distribute.strategy: unknown strategy {config.strategy!r}")
+
+
+# ------------------------------------------------------------------------- precision
+
+
+def precision_policy(config: DistributeConfig) -> str:
+    """Keras dtype policy name: `precision`, with `auto` meaning bfloat16 on TPU only."""
+    if config.precision == "auto":
+        return "mixed_bfloat16" if config.strategy == "tpu" else "float32"
+    return config.precision
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Layers built inside compute in `name`'s dtype; the global policy is restored after.
+
+    Variables stay float32 under the mixed policies; `BYOLModel` computes its loss and the
+    target EMA in float32 whatever the policy.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def wrap_optimizer(optimizer: keras.optimizers.Optimizer, policy: str) -> keras.optimizers.Optimizer:
+    """Adds dynamic loss scaling under `mixed_float16` (float16 gradients underflow)."""
+    if policy == "mixed_float16":
+        return keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def check_static_shapes(dataset: tf.data.Dataset):
+    """Raises unless every tensor of the batches has a fully known shape (a TPU rule).
+
+    Raises:
+        ValueError: naming the tensor; usually a batch built without drop_remainder=True.
+    """
+    for name, spec in _named_specs(dataset.element_spec):
+        if not spec.shape.is_fully_defined():
+            raise ValueError(
+                f"distribute.strategy: 'tpu' needs static shapes, but the input's {name!r} has shape "
+                f"{spec.shape}: batch with drop_remainder=True and resize images to one size"
+            )
+
+
+def _named_specs(spec, prefix=""):
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            yield from _named_specs(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    elif isinstance(spec, (tuple, list)):
+        for index, value in enumerate(spec):
+            yield from _named_specs(value, f"{prefix}[{index}]")
+    else:
+        yield prefix or "input", spec
+
+
+def distribute_input(
+    strategy: tf.distribute.Strategy,
+    config: DistributeConfig,
+    dataset: tf.data.Dataset | DatasetFn,
+    start_step: int = 0,
+):
+    """The input `model.fit` should get, starting at global step `start_step`.
+
+    One-machine strategies (and `dataset_sharding: global_batch`) get the global batches,
+    which Keras splits over the replicas: every replica count sees the same global batches.
+    `multi_worker` / `tpu` with `per_worker` sharding call `dataset(input_context)` once per
+    worker (`strategy.distribute_datasets_from_function`): the function must then shard by
+    `input_context` and batch per replica, as `byol_tf.data.make_pretraining_dataset` does.
+
+    Args:
+        strategy: the training strategy.
+        config: `distribute` section (`dataset_sharding`, `strategy`).
+        dataset: global batches, or a function `input_context or None -> dataset`. A
+            function is called afresh here, so its first iterator is the one a fresh process
+            sees: needed for exact resumes (a tf.data shuffle with reshuffle_each_iteration
+            draws a new order for every iterator made from the same dataset object).
+        start_step: global batches already consumed (a resumed run skips them).
+
+    Returns:
+        A `tf.data.Dataset` or a `tf.distribute` distributed dataset.
+
+    Raises:
+        ValueError: the TPU path gets batches of unknown shape.
+    """
+    scale_out = config.strategy in ("multi_worker", "tpu")
+    if scale_out and config.dataset_sharding == "per_worker" and callable(dataset):
+
+        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            worker_dataset = dataset(context)
+            if config.strategy == "tpu":
+                check_static_shapes(worker_dataset)
+            # Each step takes one per-replica batch for every replica of this worker.
+            replicas_here = context.num_replicas_in_sync // context.num_input_pipelines
+            return worker_dataset.skip(start_step * replicas_here)
+
+        return strategy.distribute_datasets_from_function(per_worker)
+
+    global_batches = dataset(None) if callable(dataset) else dataset
+    if scale_out and config.dataset_sharding == "per_worker":
+        logging.warning(
+            "distribute.dataset_sharding='per_worker' needs a dataset function; a dataset was "
+            "given, so every worker builds the global batches and keeps its slice"
+        )
+    if config.strategy == "tpu":
+        check_static_shapes(global_batches)
+    if scale_out:
+        # Every worker runs the same pipeline and keeps its slice of each global batch
+        # (the default AUTO policy would first try to give each worker different files).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        global_batches = global_batches.with_options(options)
+    return global_batches.skip(start_step) if start_step else global_batches
+
+
+# ---------------------------------------------------------------- Keras workarounds
+
+
+def prepare_for_fit(model: keras.Model, strategy: tf.distribute.Strategy):
+    """Makes `model.fit` work under every strategy; call after `compile`, before `fit`.
+
+    Keras 3 `fit` fails out of the box under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585). The workarounds live here and nowhere else:
+
+    1. The optimizer's variables are built in the strategy scope now, not lazily inside
+       the first distributed step (a checkpoint restore needs them too).
+    2. Keras' symbolic build is skipped: under a strategy it pulls a batch from the
+       distributed dataset and `strategy.reduce`s the dict of tensors, which
+       MultiWorkerMirroredStrategy rejects. `BYOLModel` creates all its variables in
+       `__init__`, so that build has nothing to do anyway.
+    3. Under MultiWorkerMirroredStrategy `fit` reduces each log with
+       `strategy.reduce("MEAN", value, axis=0)`, which fails on the scalars a train step
+       returns: the logs are made rank-1 (shape [1]), which reduces to the same scalar.
+
+    Raises:
+        ValueError: the model has unbuilt variables.
+    """
+    if not model.built:
+        raise ValueError("prepare_for_fit: build the model (create its variables) before fit")
+    with strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = _skip_symbolic_build
+    if is_multi_worker(strategy) and not getattr(model.train_step, "_rank1_logs", False):
+        train_step = model.train_step
+
+        def rank1_train_step(data):
+            return {name: tf.reshape(value, [1]) for name, value in train_step(data).items()}
+
+        rank1_train_step._rank1_logs = True
+        model.train_step = rank1_train_step
+
+
+def _skip_symbolic_build(*args, **kwargs):
+    del args, kwargs
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
+    """(is_chief, task index): only the chief writes shared files such as checkpoints."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not is_multi_worker(strategy) or resolver is None or not resolver.cluster_spec().as_dict():
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    # The chief is task "chief", or worker 0 when the cluster has no chief.
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    return is_chief, int(task_id)
