@@ -2,23 +2,29 @@
 
 `train(config)` builds the strategy, the dataset, the model and the optimizer, runs
 `model.fit`, and writes into the run folder: `config.yaml`, TensorBoard logs under `logs/`
-and the encoder as `encoder.keras`.
+and the encoder as `encoder.keras`. While it runs, `backup/` holds atomic checkpoints of the
+whole training state: the same command run again after a kill resumes from the last one and
+ends with the same weights as an uninterrupted run (with `train.deterministic`). The backup
+is deleted once the run has finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from byol_tf import byol, callbacks as byol_callbacks, config as config_lib, data, networks, schedules
 from byol_tf.optimizers import LARS
 
 ENCODER_FILE = "encoder.keras"
 CONFIG_FILE = "config.yaml"
+BACKUP_DIR = "backup"
 
 
 @dataclasses.dataclass
@@ -40,11 +46,14 @@ class TrainResult:
 
 
 def global_batch_size(config: config_lib.Config, strategy: tf.distribute.Strategy) -> int:
-    """The configured batch is global: it is split over `strategy`'s replicas."""
+    """The configured batch is global: split over `strategy`'s replicas, then into micro-batches."""
     batch = config.data.batch_size
-    if batch % strategy.num_replicas_in_sync:
+    replicas = strategy.num_replicas_in_sync
+    accumulation = config.train.gradient_accumulation_steps
+    if batch % (replicas * accumulation):
         raise ValueError(
-            f"data.batch_size={batch} must be divisible by the {strategy.num_replicas_in_sync} replicas"
+            f"data.batch_size={batch} must be divisible by the {replicas} replicas x "
+            f"train.gradient_accumulation_steps={accumulation}"
         )
     return batch
 
@@ -98,6 +107,7 @@ def build_model(config: config_lib.Config, total_steps: int, num_classes: int | 
         total_steps=total_steps,
         tau_base=config.train.tau_base,
         num_classes=num_classes if config.train.online_probe else None,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
     )
 
 
@@ -105,40 +115,55 @@ def train(
     config: config_lib.Config,
     *,
     run_dir: str | None = None,
-    dataset: tf.data.Dataset | None = None,
+    dataset: tf.data.Dataset | Callable[[tf.distribute.InputContext | None], tf.data.Dataset] | None = None,
     num_examples: int | None = None,
     num_classes: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    backup_dir: str | None = None,
 ) -> TrainResult:
-    """Pretrains BYOL with `keras.Model.fit` and saves the encoder.
+    """Pretrains BYOL with `keras.Model.fit`, resuming from a backup if one exists, and saves the encoder.
 
     Args:
         config: the experiment.
         run_dir: output folder; defaults to `config.train.run_dir`.
-        dataset: batches of {"view1", "view2", "label"} at the global batch size; built
-            from `config.data` when omitted (the TFX Trainer passes its own).
+        dataset: batches of {"view1", "view2", "label"} at the global batch size, or better a
+            function `input_context or None -> such a dataset` (None: global batches; a
+            `tf.distribute.InputContext`: that worker's shard, batched per replica). Built
+            from `config.data` when omitted (the TFX Trainer passes its own). A function is
+            called afresh for every `fit`, which exact resumes need: a tf.data shuffle with
+            reshuffle_each_iteration draws a new order for each iterator of one dataset object.
         num_examples: training images in `dataset` (sets steps per epoch when the config
             does not); counted from `config.data` when omitted.
         num_classes: classes for the online probe; from the config or the data when omitted.
         strategy: a `tf.distribute` strategy; from `config.distribute` when omitted.
         extra_callbacks: appended to the standard ones.
+        backup_dir: where the training state is backed up and resumed from; defaults to
+            RUN_DIR/backup. Must outlive the process (and be shared by all workers).
 
     Returns:
         The trained model, the fit history, the run folder and the steps per epoch.
+
+    Raises:
+        byol_tf.callbacks.NonFiniteTrainingError: the loss or the weights became NaN / Inf;
+            the last good backup is kept.
     """
     # Imported here: distribute must set logical devices before TF touches them.
     from byol_tf import distribute
 
     strategy = strategy or distribute.strategy_from_config(config.distribute)
+    is_chief, task_id = distribute.worker_role(strategy)
     run_dir = run_dir or config.train.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    config_lib.save(config, os.path.join(run_dir, CONFIG_FILE))
+    if is_chief:
+        config_lib.save(config, os.path.join(run_dir, CONFIG_FILE))
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.train.seed)
 
     batch = global_batch_size(config, strategy)
     if dataset is None:
-        dataset = data.make_pretraining_dataset(config, split="train", batch_size=batch)
+        dataset = functools.partial(_config_dataset, config, batch)
         num_examples = data.num_examples(config.data, "train")
     elif num_examples is None and not config.train.steps_per_epoch:
         raise ValueError("train(): pass num_examples with a custom dataset, or set train.steps_per_epoch")
@@ -147,20 +172,79 @@ def train(
     steps = steps_per_epoch(config, num_examples or 0)
     total_steps = config.train.epochs * steps
 
-    with strategy.scope():
+    policy = distribute.precision_policy(config.distribute)
+    with strategy.scope(), distribute.dtype_policy(policy):
         model = build_model(config, total_steps, num_classes)
-        model.compile(optimizer=build_optimizer(config, steps), jit_compile=config.train.jit_compile)
+        optimizer = distribute.wrap_optimizer(build_optimizer(config, steps), policy)
+        model.compile(optimizer=optimizer, jit_compile=config.train.jit_compile)
+    distribute.prepare_for_fit(model, strategy)
 
+    backup = None
+    if config.train.keep_checkpoints:
+        backup = byol_callbacks.TrainingBackup(
+            backup_dir or os.path.join(run_dir, BACKUP_DIR),
+            model,
+            steps,
+            every_steps=config.train.checkpoint_every_steps,
+            keep=config.train.keep_checkpoints,
+            is_chief=is_chief,
+            task_id=task_id,
+        )
+    start = backup.restore() if backup else 0
+    if start and not callable(dataset):
+        logging.warning(
+            "resuming with a dataset object: its batches match the interrupted run only if its "
+            "order does not depend on how often it was iterated; pass a function for exact resumes"
+        )
+
+    preview = dataset(None) if callable(dataset) else dataset
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs"), update_freq="epoch"),
-        byol_callbacks.ViewGridLogger(dataset, os.path.join(run_dir, "logs"), config.train.log_images),
+        byol_callbacks.ViewGridLogger(preview, os.path.join(run_dir, "logs"), config.train.log_images),
         byol_callbacks.CollapseGuard(),
         *extra_callbacks,
+        # Last, guard then backup: a non-finite step stops training before it is backed up.
+        byol_callbacks.TerminateOnNonFiniteLoss(steps, backup),
+        *([backup] if backup else []),
     ]
     if config.evaluation.knn_every_epochs > 0:  # first: TensorBoard logs the knn_accuracy it adds
         callbacks.insert(0, byol_callbacks.KNNMonitor.from_config(config))
-    history = model.fit(
-        dataset, epochs=config.train.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=config.train.verbose
-    )
-    model.encoder.save(os.path.join(run_dir, ENCODER_FILE))
-    return TrainResult(model=model, history=history.history, run_dir=run_dir, steps_per_epoch=steps)
+    history = _fit(model, strategy, config, dataset, start, steps, callbacks)
+    if is_chief:
+        model.encoder.save(os.path.join(run_dir, ENCODER_FILE))
+    if backup:
+        backup.delete()
+    return TrainResult(model=model, history=history, run_dir=run_dir, steps_per_epoch=steps)
+
+
+def _config_dataset(config: config_lib.Config, batch: int, input_context: tf.distribute.InputContext | None):
+    return data.make_pretraining_dataset(config, split="train", batch_size=batch, input_context=input_context)
+
+
+def _fit(model, strategy, config, dataset, start: int, steps: int, callbacks) -> dict:
+    """`model.fit` from global step `start`: the rest of a started epoch, then whole epochs.
+
+    Keras resumes at epoch granularity only, so a backup taken inside an epoch is resumed
+    with one short `fit` that finishes that epoch, then one for the remaining epochs.
+    """
+    from byol_tf import distribute
+
+    epochs = config.train.epochs
+    epoch, done = divmod(start, steps)
+    history = {}
+    while epoch < epochs:
+        inputs = distribute.distribute_input(strategy, config.distribute, dataset, epoch * steps + done)
+        last = epoch + 1 if done else epochs
+        logs = model.fit(
+            inputs,
+            initial_epoch=epoch,
+            epochs=last,
+            steps_per_epoch=steps - done,
+            callbacks=callbacks,
+            verbose=config.train.verbose,
+            shuffle=False,  # the input pipeline shuffles
+        ).history
+        for name, values in logs.items():
+            history.setdefault(name, []).extend(values)
+        epoch, done = last, 0
+    return history
