@@ -17,6 +17,8 @@ from tfx.types import standard_artifact_utils
 
 from byol_tf import data
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
 
 def split_file_patterns(examples, split: str) -> list[str]:
     """File patterns of one split of an `Examples` artifact (as the Trainer's `fn_args.train_files`)."""
@@ -39,10 +41,12 @@ def record_files(file_patterns: Sequence[str]) -> list[str]:
 def records(file_patterns: Sequence[str]) -> tf.data.Dataset:
     """Serialized records of the files, in sorted file order.
 
-    Files ending in `.gz` are read as GZIP (TFX's ExampleGen layout); others uncompressed.
+    GZIP is recognised by content (TFX writes `*.gz`, other tools may not name it); all
+    files of a split are compressed alike, as every ExampleGen writes them.
     """
     files = record_files(file_patterns)
-    compression = "GZIP" if files[0].endswith(".gz") else None
+    with tf.io.gfile.GFile(files[0], "rb") as stream:
+        compression = "GZIP" if stream.read(2) == _GZIP_MAGIC else None
     return tf.data.TFRecordDataset(files, compression_type=compression)
 
 

@@ -4,14 +4,13 @@
 runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
 orchestrator. Components are thin adapters over `byol_tf`:
 
-    ImageExampleGen -> StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
-         |                                                                   |
-         +-- examples --------------------------------------------> Trainer (run_fn: byol_tf.training)
-         |                                                                   | model
-         +-- examples --> LinearEval (byol_tf.evaluation) <------------------+
-                             ^ latest blessed model + blessing (Resolver over ML Metadata)
-                             | blessing
-                          Pusher (model -> push_destination/<timestamp>/)
+    ImageExampleGen   -> examples (splits train, eval), ingestion report
+    StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
+                      -> validated_schema, only when the examples have no anomaly
+    Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
+    Resolver          ML Metadata -> the latest blessed model and its blessing
+    LinearEval        examples + model + latest blessed -> metrics, blessing (byol_tf.evaluation)
+    Pusher            model + blessing -> push_destination/<timestamp>/ when blessed
 """
 
 from __future__ import annotations

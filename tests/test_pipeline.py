@@ -97,6 +97,14 @@ def test_mixed_sizes_leave_the_shape_open(tmp_path):
         examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
 
 
+def test_uncompressed_records_are_read_too(tmp_path):
+    path = str(tmp_path / "Split-train" / "data.gz")  # named .gz, but plain TFRecords
+    fx.write_tfrecord(path, [fx.tf_example(fx.png(i), i, fx.SIDE, fx.SIDE) for i in range(4)], gzip=False)
+    images, labels = examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
+    assert images.shape == (4, fx.SIDE, fx.SIDE, 3)
+    np.testing.assert_array_equal(labels, np.arange(4))
+
+
 def test_no_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no TFRecord file matches"):
         examples_io.summarize_split([str(tmp_path / "nothing" / "*")])
@@ -170,6 +178,35 @@ def test_a_foreign_blessing_without_top1_is_refused(tmp_path):
     blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
     with pytest.raises(ValueError, match="records no byol top-1"):
         linear_eval.baseline_top1_of(blessing)
+
+
+# ------------------------------------------------------------------ runner
+
+
+def test_run_summary_says_where_the_blessed_encoder_is_when_nothing_was_pushed():
+    summary = local_runner.RunSummary(
+        run_id="r2",
+        states={},
+        linear_eval={"table": "TABLE"},
+        blessed=False,
+        blessing_message="not blessed: byol top-1 0.5 < latest blessed encoder's 0.6",
+        pushed_to=None,
+        latest_pushed="/out/serving_model/17",
+    )
+    assert summary.format().splitlines() == [
+        "TABLE",
+        "LinearEval: not blessed: byol top-1 0.5 < latest blessed encoder's 0.6",
+        "nothing pushed in this run",
+        "latest blessed encoder (an earlier run): /out/serving_model/17",
+    ]
+
+
+def test_run_paths_and_pipeline_name():
+    assert local_runner.default_pipeline_name("configs/mnist5k.yaml") == "byol-tf-mnist5k"
+    assert local_runner.default_pipeline_name("my config.v2.yml") == "byol-tf-my-config-v2"
+    paths = local_runner.run_paths("out", "byol-tf-x")
+    assert paths.metadata_path == os.path.abspath("out/byol-tf-x/metadata.sqlite")
+    assert paths.serving_model_dir == os.path.abspath("out/byol-tf-x/serving_model")
 
 
 # ------------------------------------------------------------------ pipeline definition
