@@ -22,6 +22,7 @@ validated Examples; LinearEval reports kNN accuracy of the final encoder instead
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -46,8 +47,14 @@ def _copy_tree(source: str, destination: str):
             tf.io.gfile.copy(os.path.join(root, name), os.path.join(target_root, name), overwrite=True)
 
 
-def training_dataset(config: config_lib.Config, file_patterns, image_shape):
-    """Batches of {"view1", "view2", "label"} from tf.Example files, as `byol-tf train` makes them."""
+def training_dataset(config: config_lib.Config, file_patterns, image_shape, input_context=None):
+    """Batches of {"view1", "view2", "label"} from tf.Example files, as `byol-tf train` makes them.
+
+    Mirrors `byol_tf.data.make_pretraining_dataset`, with the Examples artifact in place
+    of `config.data`: given a `tf.distribute.InputContext`, the examples are sharded by
+    input pipeline, batches are per replica, and each pipeline draws its own seed.
+    """
+    import numpy as np
     import tensorflow as tf
 
     from byol_tf import data
@@ -58,13 +65,18 @@ def training_dataset(config: config_lib.Config, file_patterns, image_shape):
     images = examples_io.image_dataset(
         file_patterns, image_shape=image_shape, num_parallel_calls=tf.data.AUTOTUNE if parallel == -1 else parallel
     )
+    batch, seed = config.data.batch_size, config.data.seed
+    if input_context is not None:
+        images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        batch = input_context.get_per_replica_batch_size(batch)
+        seed = int(np.random.SeedSequence([seed, input_context.input_pipeline_id]).generate_state(1)[0] >> 1)
     return data.pretraining_dataset(
         images,
         config.augment,
-        config.data.batch_size,
-        config.data.seed,
+        batch,
+        seed,
         shuffle_buffer=config.data.shuffle_buffer,
-        num_parallel_calls=config.data.num_parallel_calls,
+        num_parallel_calls=parallel,
         cache=config.data.cache,
     )
 
@@ -107,7 +119,9 @@ def run_fn(fn_args):
         "Trainer: %d training images, %s classes, image shape %s",
         summary.num_examples, num_classes, summary.image_shape,
     )
-    dataset = training_dataset(config, fn_args.train_files, summary.image_shape)
+    # A function, not a dataset: train() calls it per fit (exact resumes) and per input
+    # pipeline under a distribution strategy.
+    dataset = functools.partial(training_dataset, config, list(fn_args.train_files), summary.image_shape)
 
     # byol_tf writes with local file APIs: train and export locally, then copy when the
     # artifact folders are remote (gs:// on Vertex).
