@@ -1,0 +1,71 @@
+"""Tests for byol_tf.training and `byol-tf train` end to end on the smoke preset."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_tf import cli, config, schedules, training
+from byol_tf.optimizers import LARS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def test_steps_per_epoch_and_batch_checks():
+    cfg = config.load(SMOKE, ["train.steps_per_epoch=null", "data.batch_size=32"])
+    assert training.steps_per_epoch(cfg, 100) == 3  # full batches only
+    with pytest.raises(ValueError, match="larger than the 10 training images"):
+        training.steps_per_epoch(cfg, 10)
+    assert training.steps_per_epoch(config.load(SMOKE), 100) == 4  # the configured value wins
+
+
+def test_build_optimizer_scales_the_learning_rate_by_batch():
+    cfg = config.load(
+        SMOKE,
+        ["optimizer.base_learning_rate=0.4", "data.batch_size=64", "optimizer.warmup_epochs=1", "train.epochs=5"],
+    )
+    optimizer = training.build_optimizer(cfg, steps_per_epoch=10)
+    assert isinstance(optimizer, LARS)
+    schedule = optimizer._learning_rate
+    assert isinstance(schedule, schedules.WarmupCosine)
+    peak = 0.4 * 64 / 256
+    np.testing.assert_allclose(float(schedule(10)), peak, rtol=1e-6)  # end of the one warm-up epoch
+    np.testing.assert_allclose(float(schedule(5)), peak * 5 / 10, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(50)), 0.0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_cli_train_smoke_writes_config_logs_encoder_and_loss_falls(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    code = cli.main(
+        ["train", "--config", SMOKE, "--run-dir", run_dir, "--no-eval", "--set", "train.epochs=3",
+         "--set", "train.verbose=0"]
+    )
+    assert code == 0
+    assert "encoder saved to" in capsys.readouterr().out
+    saved = config.load(os.path.join(run_dir, "config.yaml"))
+    assert saved == config.load(SMOKE, ["train.epochs=3", "train.verbose=0"])
+
+    encoder = keras.models.load_model(os.path.join(run_dir, "encoder.keras"), compile=False)
+    images = np.random.default_rng(0).uniform(size=(2, 28, 28, 3)).astype(np.float32)
+    assert encoder(images).shape == (2, 256)
+
+    scalars, images_logged = {}, []
+    for path in glob.glob(os.path.join(run_dir, "logs", "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images" or value.tag == "view_pairs":
+                    images_logged.append(value.tag)
+                else:
+                    scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    assert "view_pairs" in images_logged
+    for tag in ("epoch_loss", "epoch_tau", "epoch_learning_rate", "epoch_collapse_std", "epoch_probe_accuracy"):
+        assert len(scalars[tag]) == 3, tag
+    assert scalars["epoch_loss"][-1] < scalars["epoch_loss"][0]
+    taus = scalars["epoch_tau"]
+    assert taus == sorted(taus) and 0.99 <= taus[0] < 1.0
+    assert all(value > 0.2 / np.sqrt(32) for value in scalars["epoch_collapse_std"])
