@@ -636,6 +636,7 @@ def make_pretraining_dataset(
     split: str = "train",
     batch_size: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
+    images: tf.data.Dataset | None = None,
 ) -> tf.data.Dataset:
     """The trainer's input: `load_split` then `pretraining_dataset` with the config's values.
 
@@ -645,6 +646,8 @@ def make_pretraining_dataset(
         batch_size: global batch size; defaults to cfg.data.batch_size.
         input_context: from `strategy.distribute_datasets_from_function`; when given, the
             examples are sharded by input pipeline and batches are per replica.
+        images: unbatched {"image", "label"} examples to use instead of `load_split(cfg.data,
+            split)` (the TFX Trainer passes the Examples artifact's).
 
     Returns:
         An infinite, prefetched dataset of {"view1", "view2", "label"} batches.
@@ -652,7 +655,8 @@ def make_pretraining_dataset(
     data = cfg.data
     batch = batch_size or data.batch_size
     seed = data.seed
-    images = load_split(data, split)
+    if images is None:
+        images = load_split(data, split)
     if input_context is not None:
         images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         batch = input_context.get_per_replica_batch_size(batch)

@@ -50,11 +50,9 @@ def _copy_tree(source: str, destination: str):
 def training_dataset(config: config_lib.Config, file_patterns, image_shape, input_context=None):
     """Batches of {"view1", "view2", "label"} from tf.Example files, as `byol-tf train` makes them.
 
-    Mirrors `byol_tf.data.make_pretraining_dataset`, with the Examples artifact in place
-    of `config.data`: given a `tf.distribute.InputContext`, the examples are sharded by
-    input pipeline, batches are per replica, and each pipeline draws its own seed.
+    `byol_tf.data.make_pretraining_dataset` with the Examples artifact in place of
+    `config.data` (sharding, per-replica batches and per-pipeline seeds included).
     """
-    import numpy as np
     import tensorflow as tf
 
     from byol_tf import data
@@ -65,20 +63,7 @@ def training_dataset(config: config_lib.Config, file_patterns, image_shape, inpu
     images = examples_io.image_dataset(
         file_patterns, image_shape=image_shape, num_parallel_calls=tf.data.AUTOTUNE if parallel == -1 else parallel
     )
-    batch, seed = config.data.batch_size, config.data.seed
-    if input_context is not None:
-        images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        batch = input_context.get_per_replica_batch_size(batch)
-        seed = int(np.random.SeedSequence([seed, input_context.input_pipeline_id]).generate_state(1)[0] >> 1)
-    return data.pretraining_dataset(
-        images,
-        config.augment,
-        batch,
-        seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        num_parallel_calls=parallel,
-        cache=config.data.cache,
-    )
+    return data.make_pretraining_dataset(config, input_context=input_context, images=images)
 
 
 def pipeline_training_config(config: config_lib.Config) -> config_lib.Config:

@@ -343,3 +343,11 @@ def test_num_classes_per_source(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     assert data.num_classes(DataConfig(source="folder", path=str(tmp_path))) == 3
+
+
+def test_make_pretraining_dataset_from_given_images():
+    cfg = Config(data=dataclasses.replace(MNIST, batch_size=4, shuffle_buffer=8), augment=SMALL_AUGMENT)
+    labels = [7, 7, 7, 7, 7, 7]
+    batch = next(iter(data.make_pretraining_dataset(cfg, images=_constant_images(labels))))
+    assert batch["view1"].shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(batch["label"], [7, 7, 7, 7])  # mnist5k would give mixed labels
