@@ -1,0 +1,244 @@
+"""Helpers shared by every benchmark: JSON-line records, interleaved timing, machine facts.
+
+Standard library only: `peer_lightly.py` imports this module in the PyTorch venv, where
+TensorFlow is not installed.
+
+A record is one JSON object on one line:
+    {"benchmark": ..., "config": {...}, "value": ..., "unit": ..., "median_s": ..., "n": ...,
+     ...extra fields..., "load_avg_1m": ..., "time": ...}
+`value` is the headline figure in `unit`; `median_s` is the median wall time of the timed
+thing (a step, a batch) over `n` timed repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Mapping
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's answer elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (what `nproc` prints)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine() -> dict:
+    """Facts about the machine a result came from, for RESULTS.md."""
+    return {
+        "cpu": cpu_model(),
+        "nproc": usable_cores(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> float:
+    """1-minute load average: a busy machine makes every timing here unreliable."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def record(
+    benchmark: str,
+    config: Mapping,
+    value: float,
+    unit: str,
+    median_s: float | None,
+    n: int,
+    out: str | None = None,
+    **extra,
+) -> dict:
+    """Prints one JSON line (and appends it to `out` when given); returns the record."""
+    line = {
+        "benchmark": benchmark,
+        "config": dict(config),
+        "value": _round(value),
+        "unit": unit,
+        "median_s": _round(median_s),
+        "n": int(n),
+        **{key: _round(item) for key, item in extra.items()},
+        "command": command_line(),
+        "load_avg_1m": load_average(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(line, sort_keys=False)
+    print(text, flush=True)
+    if out:
+        directory = os.path.dirname(out)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+    return line
+
+
+def command_line() -> str:
+    """How this process was started, as `python -m module args` (what RESULTS.md quotes)."""
+    import __main__
+    import shlex
+    import sys
+
+    spec = getattr(__main__, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, shlex.join(sys.argv[1:])]).strip()
+
+
+def _round(value):
+    # Six significant digits are far more than the timing noise allows; they keep lines short.
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {key: _round(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round(item) for item in value]
+    return value
+
+
+def interleaved(
+    functions: Mapping[str, Callable[[], object]], reps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Times each function `reps` times, alternating A B C A B C ..., after `warmup` rounds.
+
+    Alternating (rather than all A, then all B) spreads slow drifts of the machine (other
+    jobs, thermal limits, frequency changes) evenly over the candidates, so their ratio stays
+    fair even when absolute times wander. Each function must block until its work is done.
+
+    Returns:
+        {name: [seconds of each timed call]}.
+    """
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(reps):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, reps: int | None = 10, warmup: int = 3):
+    """--reps (unless None), --warmup, --out and --smoke, the same in every benchmark script."""
+    if reps is not None:
+        parser.add_argument("--reps", type=int, default=reps, help=f"timed repetitions (default {reps})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up rounds (default {warmup})")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny, seconds-long run that only checks the script works"
+    )
+
+
+def quiet_tensorflow():
+    """Environment for TensorFlow benchmark processes; call before importing TensorFlow.
+
+    Keras 3 (importing TFX elsewhere may set TF_USE_LEGACY_KERAS=1 for child processes), and
+    no C++ INFO/WARNING spam on the JSON-line stdout.
+    """
+    os.environ["TF_USE_LEGACY_KERAS"] = "0"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --------------------------------------------------------------- worker protocol
+# The peer comparison runs byol-tf and the PyTorch peer as two persistent processes (two
+# venvs), driven in turn by `benchmarks.peer`. A worker builds its model, warms up, prints
+# a READY line, then for each "RUN k" line on stdin times k steps and prints their seconds.
+# Lines meant for the driver start with PROTOCOL_PREFIX, so library chatter on stdout is
+# ignored.
+
+PROTOCOL_PREFIX = "@@bench "
+
+
+def send(kind: str, payload) -> None:
+    print(PROTOCOL_PREFIX + json.dumps({"kind": kind, "payload": payload}), flush=True)
+
+
+def serve(step: Callable[[], object], info: Mapping, warmup: int) -> None:
+    """Runs the worker side of the protocol until stdin says QUIT (or closes)."""
+    import sys
+
+    for _ in range(warmup):
+        step()
+    send("ready", dict(info))
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == "QUIT":
+            break
+        if command[0] != "RUN":
+            send("error", f"unknown command {line.strip()!r}")
+            continue
+        times = []
+        for _ in range(int(command[1])):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        send("times", times)
+
+
+def _versions(packages) -> dict:
+    from importlib import metadata
+
+    found = {}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def main(argv=None):
+    """`python -m benchmarks.common --out FILE`: one `machine` record opening a results file."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.common", description=main.__doc__)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--note", default="", help="free text kept in the record (e.g. 'preliminary')")
+    args = parser.parse_args(argv)
+    record(
+        "machine", machine(), usable_cores(), "cores", None, 1, args.out,
+        versions=_versions(("tensorflow", "keras", "keras-cv", "numpy", "torch", "torchvision", "lightly")),
+        load_avg=list(os.getloadavg()),
+        onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        note=args.note,
+    )
+
+
+if __name__ == "__main__":
+    main()
