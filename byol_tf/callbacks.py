@@ -249,7 +249,9 @@ class TrainingBackup(keras.callbacks.Callback):
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=self.position)
         self.scratch = directory if is_chief else os.path.join(directory, f".worker-{task_id}")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.scratch, max_to_keep=keep, checkpoint_name="ckpt")
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self.scratch, max_to_keep=keep, checkpoint_name="ckpt"
+        )
         self.last_saved: str | None = tf.train.latest_checkpoint(directory)
         self._epoch_start = 0
 

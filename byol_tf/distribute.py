@@ -268,7 +268,8 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if not is_multi_worker(strategy) or resolver is None or not resolver.cluster_spec().as_dict():
         return True, 0
-    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
     # The chief is task "chief", or worker 0 when the cluster has no chief.
-    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
-    return is_chief, int(task_id)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return is_chief, task_id

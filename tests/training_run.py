@@ -2,6 +2,7 @@
 
     python tests/training_run.py --run-dir DIR --out WEIGHTS.npz [--epochs 2 --steps-per-epoch 5]
         [--every 2] [--poison-step K] [--kill-during-save N] [--strategy multi_worker]
+        [--sharding global_batch] [--optimizer sgd]
 
 Real data path (embedded MNIST digits through `byol_tf.data`), deterministic ops, a small
 convnet. Prints `STEP n` (flushed) after each global step, so a parent can kill it at a chosen
@@ -32,12 +33,12 @@ def tiny_config(args) -> config_lib.Config:
                      "shuffle_buffer": 64, "num_parallel_calls": 2},
             "augment": {"image_size": 16},
             "network": {"encoder": "small_convnet", "projector_hidden_dim": 16, "projection_dim": 8,
-                        "predictor_hidden_dim": 16, "sync_batchnorm": args.strategy != "default"},
-            "optimizer": {"name": "lars", "base_learning_rate": 2.0, "warmup_epochs": 0.5},
+                        "predictor_hidden_dim": 16, "sync_batchnorm": True},
+            "optimizer": {"name": args.optimizer, "base_learning_rate": 2.0, "warmup_epochs": 0.5},
             "train": {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "log_images": 0,
                       "verbose": 0, "deterministic": True, "checkpoint_every_steps": args.every,
                       "keep_checkpoints": 2, "tau_base": 0.9},
-            "distribute": {"strategy": args.strategy, "dataset_sharding": args.sharding},
+            "distribute": {"strategy": args.strategy, "dataset_sharding": args.sharding, "num_cpu_devices": args.cpus},
             "evaluation": {"knn_every_epochs": 0},
         }
     )
@@ -81,6 +82,8 @@ def main():
     parser.add_argument("--kill-during-save", type=int, default=0)
     parser.add_argument("--strategy", default="default")
     parser.add_argument("--sharding", default="per_worker")
+    parser.add_argument("--optimizer", default="lars")
+    parser.add_argument("--cpus", type=int, default=0, help="logical CPU devices for --strategy mirrored")
     args = parser.parse_args()
     config = tiny_config(args)
     strategy = distribute.strategy_from_config(config.distribute)
