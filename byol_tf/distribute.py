@@ -147,6 +147,18 @@ def check_static_shapes(dataset: tf.data.Dataset):
             )
 
 
+def _check_per_replica_batch(dataset: tf.data.Dataset, expected: int):
+    for name, spec in _named_specs(dataset.element_spec):
+        size = spec.shape[0] if spec.shape.rank else None
+        if size is not None and size != expected:
+            raise ValueError(
+                f"distribute.dataset_sharding: 'per_worker' calls the dataset function with a "
+                f"tf.distribute.InputContext and needs per-replica batches of {expected}, but "
+                f"{name!r} comes in batches of {size}: shard by the context and batch with "
+                "input_context.get_per_replica_batch_size, or use 'global_batch'"
+            )
+
+
 def _named_specs(spec, prefix=""):
     if isinstance(spec, dict):
         for key, value in spec.items():
@@ -163,6 +175,7 @@ def distribute_input(
     config: DistributeConfig,
     dataset: tf.data.Dataset | DatasetFn,
     start_step: int = 0,
+    global_batch: int | None = None,
 ):
     """The input `model.fit` should get, starting at global step `start_step`.
 
@@ -180,12 +193,15 @@ def distribute_input(
             sees: needed for exact resumes (a tf.data shuffle with reshuffle_each_iteration
             draws a new order for every iterator made from the same dataset object).
         start_step: global batches already consumed (a resumed run skips them).
+        global_batch: the global batch size, to check that a dataset function batches per
+            replica.
 
     Returns:
         A `tf.data.Dataset` or a `tf.distribute` distributed dataset.
 
     Raises:
-        ValueError: the TPU path gets batches of unknown shape.
+        ValueError: the TPU path gets batches of unknown shape, or a dataset function's
+            batches are not per replica.
     """
     scale_out = config.strategy in ("multi_worker", "tpu")
     if scale_out and config.dataset_sharding == "per_worker" and callable(dataset):
@@ -194,6 +210,8 @@ def distribute_input(
             worker_dataset = dataset(context)
             if config.strategy == "tpu":
                 check_static_shapes(worker_dataset)
+            if global_batch:
+                _check_per_replica_batch(worker_dataset, context.get_per_replica_batch_size(global_batch))
             # Each step takes one per-replica batch for every replica of this worker.
             replicas_here = context.num_replicas_in_sync // context.num_input_pipelines
             return worker_dataset.skip(start_step * replicas_here)

@@ -233,7 +233,9 @@ def _fit(model, strategy, config, dataset, start: int, steps: int, callbacks) ->
     epoch, done = divmod(start, steps)
     history = {}
     while epoch < epochs:
-        inputs = distribute.distribute_input(strategy, config.distribute, dataset, epoch * steps + done)
+        inputs = distribute.distribute_input(
+            strategy, config.distribute, dataset, epoch * steps + done, global_batch=config.data.batch_size
+        )
         last = epoch + 1 if done else epochs
         logs = model.fit(
             inputs,

@@ -151,6 +151,11 @@ def test_per_worker_input_gets_the_input_context_and_skips_per_replica_batches()
     )
     assert first_labels(distributed).tolist() == [3]
     assert [(c.num_input_pipelines, c.input_pipeline_id, c.num_replicas_in_sync) for c in contexts] == [(1, 0, 1)]
+    # A function that ignores the context and batches globally is refused.
+    with pytest.raises(ValueError, match="needs per-replica batches of 2, but 'view1' comes in batches of 4"):
+        distribute.distribute_input(
+            tf.distribute.get_strategy(), DistributeConfig(strategy="multi_worker"), lambda c: batches(4), global_batch=2
+        )
 
 
 # --------------------------------------------------------------------- Keras workarounds
