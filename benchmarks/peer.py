@@ -1,0 +1,205 @@
+"""byol-tf versus the PyTorch peer (lightly), measured alternately in one run.
+
+    python -m benchmarks.peer --encoder resnet18_cifar --batch 128 --size 32
+
+Two persistent worker processes, one per venv: byol-tf (this venv; `fit`'s compiled train
+step, as `benchmarks.step` times it) and lightly (benchmarks/.venv-torch, see
+`benchmarks.peer_lightly`). Each builds its model and warms up while the other is idle;
+then the driver asks them in turn for one step each (byol-tf, lightly, byol-tf, ...), with a
+short pause between turns so neither's worker threads still spin while the other runs. The
+idle worker blocks on its stdin, so the two never compete for the cores.
+
+Both get the same backbone (ResNet-18 with the CIFAR stem), heads, batch, image size,
+in-memory views and a LARS optimizer excluding biases and BN parameters. byol-tf keeps its
+online linear probe and metrics, which lightly's step does not have (byol-tf is charged for
+them). Prints one JSON line `versus_peer`: value = byol-tf images/s / lightly images/s
+(target >= 1.3), with both medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
+TARGET_SPEEDUP = 1.3
+
+
+class Worker:
+    """One benchmark worker process speaking `common.serve`'s line protocol."""
+
+    def __init__(self, name: str, command: list[str], env: dict | None = None):
+        self.name = name
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # inherit: library warnings reach the console, not the protocol
+            text=True,
+            env=env,
+        )
+
+    def receive(self, kind: str):
+        for line in self.process.stdout:
+            if not line.startswith(common.PROTOCOL_PREFIX):
+                continue
+            message = json.loads(line[len(common.PROTOCOL_PREFIX):])
+            if message["kind"] == "error":
+                raise RuntimeError(f"{self.name} worker: {message['payload']}")
+            if message["kind"] == kind:
+                return message["payload"]
+        code = self.process.wait()
+        raise RuntimeError(f"{self.name} worker exited with code {code} before sending {kind!r}")
+
+    def run(self, steps: int) -> list[float]:
+        self.process.stdin.write(f"RUN {steps}\n")
+        self.process.stdin.flush()
+        return self.receive("times")
+
+    def close(self):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write("QUIT\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def tf_worker(args):
+    """The byol-tf side: `fit`'s train function on in-memory views, served to the driver."""
+    common.quiet_tensorflow()
+    import tensorflow as tf
+
+    from benchmarks import tfmodel
+
+    overrides = list(args.set)
+    if args.heads:
+        overrides += [
+            f"network.projector_hidden_dim={args.heads[0]}",
+            f"network.projection_dim={args.heads[1]}",
+            f"network.predictor_hidden_dim={args.heads[2]}",
+        ]
+    if args.optimizer != "lars":
+        overrides.append(f"optimizer.name={args.optimizer}")
+    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides)
+    jit_compile = tfmodel.jit_setting(config, args.jit)
+    model = tfmodel.build(config, jit_compile)
+    batch = tfmodel.synthetic_batch(args.batch, args.size, tfmodel.num_classes(config))
+    step = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())
+    info = {
+        "library": "byol-tf",
+        "tensorflow": tf.__version__,
+        "jit_compile": jit_compile,
+        "heads": [config.network.projector_hidden_dim, config.network.projection_dim,
+                  config.network.predictor_hidden_dim],
+        "online_probe": config.train.online_probe,
+        "sync_batchnorm": config.network.sync_batchnorm,
+        "optimizer": config.optimizer.name,
+    }
+    common.serve(step, info, args.warmup)
+
+
+def drive(args) -> dict:
+    if not os.path.exists(args.torch_python):
+        raise SystemExit(
+            f"no PyTorch venv at {args.torch_python}: run benchmarks/setup_torch_venv.sh first"
+        )
+    shared = ["--encoder", args.encoder, "--batch", str(args.batch), "--size", str(args.size),
+              "--warmup", str(args.warmup), "--optimizer", args.optimizer]
+    heads = ["--heads", *map(str, args.heads)] if args.heads else []
+    tf_command = [sys.executable, "-m", "benchmarks.peer", "--worker-tf", "--jit", args.jit, *shared, *heads]
+    for override in args.set:
+        tf_command += ["--set", override]
+    torch_command = [args.torch_python, "-m", "benchmarks.peer_lightly", "--serve",
+                     "--threads", str(args.threads), *shared, *heads]
+    workers = []
+    try:
+        # One at a time: each builds and warms up on an otherwise idle machine.
+        workers.append(Worker("byol-tf", tf_command))
+        tf_info = workers[0].receive("ready")
+        workers.append(Worker("lightly", torch_command))
+        torch_info = workers[1].receive("ready")
+        times = {"byol-tf": [], "lightly": []}
+        for _ in range(args.reps):
+            for worker in workers:
+                time.sleep(args.pause)
+                times[worker.name] += worker.run(args.steps_per_turn)
+    finally:
+        for worker in workers:
+            worker.close()
+
+    tf_median = common.median(times["byol-tf"])
+    torch_median = common.median(times["lightly"])
+    description = {
+        "encoder": args.encoder,
+        "batch": args.batch,
+        "size": args.size,
+        "heads": tf_info["heads"],
+        "optimizer": args.optimizer,
+        "jit_compile": tf_info["jit_compile"],
+        "torch_threads": torch_info["torch_threads"],
+        "smoke": args.smoke,
+    }
+    return common.record(
+        "versus_peer",
+        description,
+        torch_median / tf_median,
+        "x lightly",
+        tf_median,
+        len(times["byol-tf"]),
+        args.out,
+        byol_tf_images_per_s=args.batch / tf_median,
+        lightly_images_per_s=args.batch / torch_median,
+        lightly_median_s=torch_median,
+        byol_tf_times_s=times["byol-tf"],
+        lightly_times_s=times["lightly"],
+        byol_tf=tf_info,
+        lightly=torch_info,
+        target=TARGET_SPEEDUP,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=("resnet18_cifar", "small_convnet"))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument(
+        "--heads", type=int, nargs=3, default=None, metavar=("PROJ_HIDDEN", "PROJ_DIM", "PRED_HIDDEN"),
+        help="head widths (default: the encoder's preset)",
+    )
+    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    parser.add_argument("--jit", choices=("config", "on", "off"), default="config", help="byol-tf jit_compile")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="byol-tf config override (repeatable)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--steps-per-turn", type=int, default=1)
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds idle between turns")
+    parser.add_argument("--torch-python", default=TORCH_PYTHON)
+    parser.add_argument("--worker-tf", action="store_true", help=argparse.SUPPRESS)
+    common.add_common_arguments(parser)
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.smoke:
+        args.batch, args.size, args.reps, args.warmup, args.pause = min(args.batch, 8), min(args.size, 16), 2, 1, 0.0
+        args.heads = args.heads or [32, 16, 32]
+    if args.worker_tf:
+        tf_worker(args)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

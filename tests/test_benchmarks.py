@@ -1,0 +1,316 @@
+"""Smoke tests of benchmarks/: each script's --smoke run gives well-formed, sane JSON lines.
+
+No timing is asserted (timings depend on the machine and its load); what is checked is the
+structure of the records, that the numbers are positive and consistent, and that the
+prototypes the switches time compute what the library computes.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import common, report
+from byol_tf import networks
+from byol_tf.config import NetworkConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
+FIELDS = ("benchmark", "config", "value", "unit", "median_s", "n", "command", "load_avg_1m", "time")
+
+
+def _lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _check_record(entry, benchmark, unit=None):
+    for field in FIELDS:
+        assert field in entry, f"{benchmark} record lacks {field!r}: {entry}"
+    assert entry["benchmark"] == benchmark
+    if unit:
+        assert entry["unit"] == unit
+    assert isinstance(entry["config"], dict)
+    assert entry["value"] is not None and math.isfinite(entry["value"]) and entry["value"] > 0
+    assert entry["n"] >= 1
+
+
+def _run_main(module, argv, capsys, tmp_path):
+    """Runs a benchmark's main() in this process; returns its stdout records and --out records."""
+    out = tmp_path / "results.jsonl"
+    module.main([*argv, "--smoke", "--out", str(out)])
+    printed = _lines(capsys.readouterr().out)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert printed == written, "--out must hold exactly the printed lines"
+    return printed
+
+
+# ------------------------------------------------------------------------------- step
+
+
+def test_step_smoke_reports_full_step_and_parts(capsys, tmp_path):
+    from benchmarks import step
+
+    records = _run_main(step, ["--encoder", "small_convnet"], capsys, tmp_path)
+    assert [r["benchmark"] for r in records] == ["step", "step_vs_parts"]
+    full, ratio = records
+    _check_record(full, "step", "images/s")
+    _check_record(ratio, "step_vs_parts", "ratio")
+    assert full["config"]["smoke"] is True and full["config"]["encoder"] == "small_convnet"
+    assert len(full["step_times_s"]) == full["n"] == 2
+    assert full["value"] == pytest.approx(full["config"]["batch"] / full["median_s"], rel=1e-3)
+    parts = ratio["parts_s"]
+    assert set(parts) == {"online_fwd_bwd_x2", "target_fwd_x2", "optimizer_apply", "ema_update"}
+    assert all(value > 0 for value in parts.values())
+    assert ratio["sum_parts_s"] == pytest.approx(sum(parts.values()), rel=1e-3)
+    assert ratio["value"] == pytest.approx(ratio["median_s"] / ratio["sum_parts_s"], rel=1e-3)
+    assert ratio["target"] == 1.1
+
+
+def test_step_no_parts_prints_only_the_step(capsys, tmp_path):
+    from benchmarks import step
+
+    records = _run_main(step, ["--encoder", "small_convnet", "--no-parts", "--jit", "on"], capsys, tmp_path)
+    assert [r["benchmark"] for r in records] == ["step"]
+    assert records[0]["config"]["jit_compile"] is True
+
+
+# ------------------------------------------------------------------------- scaling
+
+
+def test_scaling_smoke_covers_both_sweeps(capsys, tmp_path):
+    from benchmarks import scaling
+
+    records = _run_main(scaling, ["--encoder", "small_convnet"], capsys, tmp_path)
+    for entry in records:
+        _check_record(entry, "scaling", "s/step")
+        assert entry["images_per_s"] == pytest.approx(entry["config"]["batch"] / entry["value"], rel=1e-3)
+    sweeps = {(r["config"]["sweep"], r["config"]["batch"], r["config"]["size"]) for r in records}
+    assert sweeps == {("batch", 4, 16), ("batch", 8, 16), ("size", 4, 12), ("size", 4, 16)}
+
+
+# ------------------------------------------------------------------- input pipeline
+
+
+def test_input_pipeline_smoke_mnist5k(capsys, tmp_path):
+    from benchmarks import input_pipeline
+
+    records = _run_main(
+        input_pipeline, ["--source", "mnist5k", "--encoder", "small_convnet", "--size", "28"], capsys, tmp_path
+    )
+    pipeline, bound = records
+    _check_record(pipeline, "input_pipeline", "images/s")
+    _check_record(bound, "input_bound")
+    assert pipeline["config"]["source"] == "mnist5k" and pipeline["config"]["size"] == 28
+    assert bound["pipeline_images_per_s"] == pipeline["value"]
+    assert bound["consumption_images_per_s"] == pytest.approx(8 / bound["cached_median_s"], rel=1e-3)
+    assert bound["headroom"] == pytest.approx(pipeline["value"] / bound["consumption_images_per_s"], rel=1e-3)
+    assert len(bound["cached_times_s"]) == len(bound["live_times_s"]) == bound["n"]
+
+
+def test_input_pipeline_synthetic_views_have_the_view_size():
+    from benchmarks import input_pipeline, tfmodel
+
+    config = tfmodel.load_config("resnet18_cifar", 4, 16, list(tfmodel.SMOKE_OVERRIDES))
+    dataset = input_pipeline.make_dataset(config, "synthetic", 24, 16)
+    batch = next(iter(dataset))
+    assert batch["view1"].shape == (4, 16, 16, 3) and batch["view2"].shape == (4, 16, 16, 3)
+    assert float(tf.reduce_min(batch["view1"])) >= 0.0 and float(tf.reduce_max(batch["view1"])) <= 1.0
+
+
+# ------------------------------------------------------------------------- switches
+
+
+def test_switches_smoke_layout_fused_bn_and_tfdata(capsys, tmp_path):
+    from benchmarks import switches
+
+    argv = ["--encoder", "small_convnet", "--switch", "layout", "--switch", "fused_bn", "--switch", "tfdata"]
+    records = _run_main(switches, argv, capsys, tmp_path)
+    by_switch = {}
+    for entry in records:
+        assert entry["benchmark"] == "switch"
+        by_switch.setdefault(entry["config"]["switch"], {})[entry["config"]["setting"]] = entry
+    assert set(by_switch) == {"layout", "fused_bn", "tfdata"}
+    assert set(by_switch["fused_bn"]) == {"keras_bn", "fused_bn"}
+    assert set(by_switch["layout"]) == {"channels_last", "channels_first"}
+    assert set(by_switch["tfdata"]) >= {"autotune", "parallel_1", "autotune_nondeterministic"}
+    for settings in by_switch.values():
+        for entry in settings.values():
+            if entry.get("error"):  # e.g. NCHW convolutions unsupported: reported, not hidden
+                assert entry["value"] is None and entry["config"]["setting"] != entry["config"]["default"]
+                continue
+            _check_record(entry, "switch")
+            assert entry["speedup"] > 0
+        default = settings[next(iter(settings.values()))["config"]["default"]]
+        assert default["speedup"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_switches_smoke_onednn_runs_fresh_processes(capsys, tmp_path):
+    from benchmarks import switches
+
+    records = _run_main(switches, ["--encoder", "small_convnet", "--switch", "onednn"], capsys, tmp_path)
+    assert {r["config"]["setting"] for r in records} == {"on", "off"}
+    for entry in records:
+        _check_record(entry, "switch", "images/s")
+
+
+def _network_config(encoder):
+    return NetworkConfig(encoder=encoder, batchnorm_momentum=0.8, batchnorm_epsilon=1e-3, sync_batchnorm=False)
+
+
+@pytest.mark.parametrize("encoder, size", [("small_convnet", 16), ("resnet18_cifar", 16)])
+def test_local_encoder_matches_the_library_encoder(encoder, size):
+    """The layout / fused-BN prototypes time the library's network, not another one."""
+    from benchmarks import switches
+    from benchmarks.tfmodel import load_config
+
+    config = load_config(encoder, 4, size, [f"network.sync_batchnorm=false"])
+    library = networks.build_encoder(config.network, size)
+    local = switches.local_encoder(config, size)
+    assert [v.path for v in local.weights] == [v.path for v in library.weights]
+    assert [tuple(v.shape) for v in local.weights] == [tuple(v.shape) for v in library.weights]
+    local.set_weights(library.get_weights())
+    images = np.random.default_rng(0).uniform(size=(4, size, size, 3)).astype("float32")
+    np.testing.assert_allclose(local(images, training=False), library(images, training=False), atol=1e-5)
+
+
+def test_fused_batch_normalization_matches_keras_batch_normalization():
+    from benchmarks import switches
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 5, 4)).astype("float32")
+    reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    fused = switches.FusedBatchNormalization(momentum=0.9, epsilon=1e-3)
+    for layer in (reference, fused):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 4))
+    with tf.GradientTape(persistent=True) as tape:
+        tensor = tf.constant(x)
+        tape.watch(tensor)
+        expected = reference(tensor, training=True)
+        got = fused(tensor, training=True)
+        weights = tf.constant(np.random.default_rng(1).normal(size=x.shape).astype("float32"))
+        loss_expected = tf.reduce_sum(expected * weights)
+        loss_got = tf.reduce_sum(got * weights)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), reference.moving_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-4)
+    for a, b in zip(tape.gradient(loss_got, [tensor, fused.gamma, fused.beta]),
+                    tape.gradient(loss_expected, [tensor, reference.gamma, reference.beta])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(fused(x, training=False), reference(x, training=False), atol=1e-4)
+
+
+# ------------------------------------------------------------------------ the peer
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)")
+def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
+    out = tmp_path / "peer.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peer", "--smoke", "--encoder", "small_convnet", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = _lines(out.read_text())
+    _check_record(entry, "versus_peer", "x lightly")
+    assert len(entry["byol_tf_times_s"]) == len(entry["lightly_times_s"]) == 2
+    assert entry["value"] == pytest.approx(entry["byol_tf_images_per_s"] / entry["lightly_images_per_s"], rel=1e-3)
+    assert entry["lightly"]["library"] == "lightly" and entry["byol_tf"]["library"] == "byol-tf"
+    assert entry["config"]["heads"] == [32, 16, 32]
+
+
+# -------------------------------------------------------------------------- report
+
+
+def _fake_results(path):
+    def line(benchmark, config, value, unit, median_s=0.5, n=10, **extra):
+        return json.dumps({"benchmark": benchmark, "config": config, "value": value, "unit": unit,
+                           "median_s": median_s, "n": n, "command": f"python -m benchmarks.{benchmark} --x",
+                           "load_avg_1m": 0.5, "time": "2026-11-30T00:00:00+00:00", **extra})
+
+    step_config = {"encoder": "resnet18_cifar", "batch": 128, "size": 32, "jit_compile": True}
+    rows = [
+        line("machine", {"cpu": "Test CPU", "nproc": 2, "memory_gib": 24, "python": "3.11", "kernel": "6"}, 2,
+             "cores", None, 1, versions={"tensorflow": "2.21.0"}, note="fake"),
+        line("step", step_config, 256.0, "images/s"),
+        line("step_vs_parts", step_config, 1.05, "ratio", parts_s={"online_fwd_bwd_x2": 0.3, "target_fwd_x2": 0.1,
+             "optimizer_apply": 0.05, "ema_update": 0.02}, sum_parts_s=0.47, ratio_paired_median=1.04, target=1.1),
+        line("versus_peer", {"encoder": "resnet18_cifar", "batch": 128, "size": 32, "heads": [4096, 256, 4096],
+             "optimizer": "lars", "jit_compile": True}, 1.4, "x lightly", byol_tf_images_per_s=280.0,
+             lightly_images_per_s=200.0, target=1.3, lightly={"lightly": "1.6.0", "torch": "2.14.1"}),
+        line("input_pipeline", {"source": "synthetic", "source_size": 32, "size": 32, "batch": 128,
+             "num_parallel_calls": -1}, 3000.0, "images/s"),
+        line("switch", {"switch": "jit", "setting": "on", "default": "on", "encoder": "small_convnet",
+             "batch": 128, "size": 28}, 300.0, "images/s", speedup=1.0),
+        line("switch", {"switch": "layout", "setting": "channels_first", "default": "channels_last",
+             "encoder": "small_convnet", "batch": 128, "size": 28}, None, "images/s", None, 0,
+             error="InvalidArgumentError: NCHW"),
+    ]
+    for batch, seconds in ((32, 0.1), (64, 0.2)):
+        rows.append(line("scaling", {"sweep": "batch", "encoder": "small_convnet", "batch": batch, "size": 28,
+                                     "jit_compile": False}, seconds, "s/step", seconds, images_per_s=batch / seconds))
+    rows.append(line("scaling", {"sweep": "size", "encoder": "small_convnet", "batch": 128, "size": 16,
+                                 "jit_compile": False}, 0.1, "s/step", 0.1, images_per_s=1280.0))
+    # A re-run of the same measurement: the later record wins.
+    rows.append(line("step", step_config, 300.0, "images/s"))
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
+    results = tmp_path / "2026-11-30.jsonl"
+    _fake_results(results)
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text(f"# Results\n\nAnalysis before.\n\n{report.BEGIN}\nold tables\n{report.END}\n\nAfter.\n")
+    report.main([str(results), "--markdown", str(markdown), "--plot", str(tmp_path / "plot.png")])
+    text = markdown.read_text()
+    assert "Analysis before." in text and "After." in text and "old tables" not in text
+    for heading in ("## Machine and run", "## 1. Full train step", "## 2. byol-tf versus", "## 3. Input pipeline",
+                    "## 4. Switches", "## 5. Scaling"):
+        assert heading in text
+    assert "Test CPU" in text and "python -m benchmarks.step_vs_parts --x" in text
+    assert "| resnet18_cifar | 128 | 32 | yes | 0.5 | 300 |" in text  # the later step record won
+    assert "InvalidArgumentError: NCHW" in text
+    # Idempotent: a second run replaces the block rather than adding one.
+    report.main([str(results), "--markdown", str(markdown), "--plot", str(tmp_path / "plot.png")])
+    assert markdown.read_text().count(report.BEGIN) == 1
+
+
+def test_report_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "r.jsonl"
+    _fake_results(results)
+    assert report.plot(report.load([str(results)]), str(tmp_path / "scaling.png"))
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rejects_a_malformed_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"benchmark": "step"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: record has no 'config'"):
+        report.load([str(path)])
+
+
+def test_record_rounds_and_appends(tmp_path, capsys):
+    out = tmp_path / "sub" / "r.jsonl"
+    common.record("x", {"a": 1}, 1.23456789, "u", 0.1, 3, str(out), extra=[0.123456789])
+    common.record("x", {"a": 2}, 2.0, "u", 0.1, 3, str(out))
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first["value"] == 1.23457 and first["extra"] == [0.123457]
+    assert _lines(capsys.readouterr().out) == [json.loads(line) for line in lines]
+
+
+def test_interleaved_alternates_and_skips_warmup():
+    calls = []
+    times = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
