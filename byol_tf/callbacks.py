@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+import tempfile
 
 import keras
 import numpy as np
@@ -219,7 +219,7 @@ class TrainingBackup(keras.callbacks.Callback):
     leaves the previous checkpoint the latest one, intact. Non-finite weights are never saved.
 
     Under MultiWorkerMirroredStrategy every worker saves (saving may run collectives); only
-    the chief writes into `directory`, the others into a scratch folder deleted right after.
+    the chief writes into `directory`, the others into a local scratch folder deleted right after.
 
     Args:
         directory: backup folder (local, or a tf.io.gfile URL such as gs://), seen by all workers.
@@ -248,7 +248,7 @@ class TrainingBackup(keras.callbacks.Callback):
         self.is_chief = is_chief
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=self.position)
-        self.scratch = directory if is_chief else os.path.join(directory, f".worker-{task_id}")
+        self.scratch = directory if is_chief else tempfile.mkdtemp(prefix=f"byol-backup-worker{task_id}-")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.scratch, max_to_keep=keep, checkpoint_name="ckpt"
         )
@@ -318,9 +318,9 @@ class TrainingBackup(keras.callbacks.Callback):
             tf.io.gfile.rmtree(self.scratch)
 
     def delete(self):
-        """Removes the backups (the chief's job), e.g. once the run has finished."""
-        if self.is_chief and tf.io.gfile.exists(self.directory):
-            tf.io.gfile.rmtree(self.directory)
+        """Removes the backups (the chief's job; others remove their scratch), once the run has finished."""
+        if tf.io.gfile.exists(self.scratch):
+            tf.io.gfile.rmtree(self.scratch)
 
 
 class TerminateOnNonFiniteLoss(keras.callbacks.Callback):

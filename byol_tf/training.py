@@ -197,10 +197,14 @@ def train(
             "order does not depend on how often it was iterated; pass a function for exact resumes"
         )
 
-    preview = dataset(None) if callable(dataset) else dataset
-    callbacks = [
-        keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs"), update_freq="epoch"),
-        byol_callbacks.ViewGridLogger(preview, os.path.join(run_dir, "logs"), config.train.log_images),
+    callbacks = []
+    if is_chief:  # the other workers would write the same logs
+        preview = dataset(None) if callable(dataset) else dataset
+        callbacks += [
+            keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs"), update_freq="epoch"),
+            byol_callbacks.ViewGridLogger(preview, os.path.join(run_dir, "logs"), config.train.log_images),
+        ]
+    callbacks += [
         byol_callbacks.CollapseGuard(),
         *extra_callbacks,
         # Last, guard then backup: a non-finite step stops training before it is backed up.
