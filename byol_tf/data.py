@@ -126,8 +126,12 @@ def _parallel(num_parallel_calls: int) -> int:
     return tf.data.AUTOTUNE if num_parallel_calls == -1 else num_parallel_calls
 
 
-def _tfrecord_files(pattern: str, field: str) -> list[str]:
-    # A folder (e.g. TFX ExampleGen's Split-train/) means every file in it.
+def tfrecord_files(pattern: str, field: str = "data.path") -> list[str]:
+    """Sorted files matching a glob; a folder (e.g. TFX's Split-train/) means every file in it.
+
+    Raises:
+        ValueError: nothing matches; the message starts with `field`.
+    """
     if tf.io.gfile.isdir(pattern):
         pattern = os.path.join(pattern, "*")
     files = sorted(path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path))
@@ -136,16 +140,17 @@ def _tfrecord_files(pattern: str, field: str) -> list[str]:
     return files
 
 
-def _is_gzip(path: str) -> bool:
-    # By content, not by name: TFX writes *.gz, other tools gzip without the suffix.
+def is_gzip(path: str) -> bool:
+    """Whether a file is GZIP-compressed, by content, not by name (TFX writes *.gz, other
+    tools gzip without the suffix)."""
     with tf.io.gfile.GFile(path, "rb") as stream:
         return stream.read(2) == _GZIP_MAGIC
 
 
 def _tfrecord_records(pattern: str, field: str) -> tf.data.Dataset:
     """Serialized records of every matching file, GZIP or plain, in a fixed order."""
-    files = _tfrecord_files(pattern, field)
-    compressions = ["GZIP" if _is_gzip(path) else "" for path in files]
+    files = tfrecord_files(pattern, field)
+    compressions = ["GZIP" if is_gzip(path) else "" for path in files]
     if len(files) == 1:
         return tf.data.TFRecordDataset(files, compression_type=compressions[0])
     # deterministic=True explicitly: a later options.deterministic=False must not reorder

@@ -17,7 +17,6 @@ from tfx.types import standard_artifact_utils
 
 from byol_tf import data
 
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def split_file_patterns(examples, split: str) -> list[str]:
@@ -45,8 +44,7 @@ def records(file_patterns: Sequence[str]) -> tf.data.Dataset:
     files of a split are compressed alike, as every ExampleGen writes them.
     """
     files = record_files(file_patterns)
-    with tf.io.gfile.GFile(files[0], "rb") as stream:
-        compression = "GZIP" if stream.read(2) == _GZIP_MAGIC else None
+    compression = "GZIP" if data.is_gzip(files[0]) else None
     return tf.data.TFRecordDataset(files, compression_type=compression)
 
 

@@ -570,21 +570,12 @@ def _folder_candidates(settings: SourceSettings) -> Tuple[Dict[str, Iterator[Can
 
 
 def _tfrecord_files(pattern: str) -> List[str]:
-    import tensorflow as tf
+    from byol_tf import data
 
-    if tf.io.gfile.isdir(pattern):
-        pattern = os.path.join(pattern, "*")
-    files = sorted(path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path))
-    if not files:
-        raise IngestionError(f"no TFRecord file matches {pattern!r}")
-    return files
-
-
-def _is_gzip(path: str) -> bool:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, "rb") as stream:
-        return stream.read(2) == b"\x1f\x8b"
+    try:
+        return data.tfrecord_files(pattern, "path")
+    except ValueError as error:
+        raise IngestionError(str(error)) from None
 
 
 def _iterate_tfrecords(files: List[str]) -> Iterator[Tuple[str, Optional[bytes], str]]:
@@ -596,10 +587,12 @@ def _iterate_tfrecords(files: List[str]) -> Iterator[Tuple[str, Optional[bytes],
     """
     import tensorflow as tf
 
+    from byol_tf import data
+
     for path in files:
         index = 0
         try:
-            compression = "GZIP" if _is_gzip(path) else ""
+            compression = "GZIP" if data.is_gzip(path) else ""
             for record in tf.data.TFRecordDataset(path, compression_type=compression).as_numpy_iterator():
                 yield f"{path}:{index}", record, ""
                 index += 1
