@@ -191,8 +191,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ValueError as error:
-        # Bad configs and inputs: one clear line, not a traceback from deep inside TF.
+    except (ValueError, FloatingPointError) as error:
+        # Bad configs and inputs, and a run stopped by a NaN loss (NonFiniteTrainingError):
+        # one clear line, not a traceback from deep inside TF.
         if os.environ.get("BYOL_TF_TRACEBACK"):
             raise
         print(f"byol-tf {args.command}: error: {error}", file=sys.stderr)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -78,6 +80,20 @@ def final_training_metrics(history: dict) -> dict[str, float]:
     return {name: float(values[-1]) for name, values in history.items() if len(values)}
 
 
+def backup_dir(fn_args) -> str:
+    """Where the Trainer backs up its training state: stable across retries of one training.
+
+    Each Trainer execution gets a fresh model_run folder, so the backup lives beside them,
+    keyed by the config and the input files: a retried (e.g. preempted) Trainer with the
+    same inputs resumes from it; any other training starts afresh. `training.train`
+    deletes it once training has finished.
+    """
+    key = json.dumps({"config": fn_args.custom_config, "train_files": sorted(fn_args.train_files)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    executions = os.path.dirname(fn_args.model_run_dir.rstrip("/"))  # .../Trainer/model_run
+    return os.path.join(executions, "backup", digest)
+
+
 def run_fn(fn_args):
     """Pretrains BYOL and saves the encoder to the Trainer's Model artifact.
 
@@ -119,6 +135,7 @@ def run_fn(fn_args):
             dataset=dataset,
             num_examples=summary.num_examples,
             num_classes=num_classes,
+            backup_dir=backup_dir(fn_args),
         )
         metrics = {
             "training": final_training_metrics(result.history),

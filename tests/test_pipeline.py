@@ -413,3 +413,20 @@ def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
     assert code == 2
     assert "byol-tf pipeline: error: train.epochs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_backup_dir_is_stable_across_executions_of_the_same_training():
+    import types
+
+    from components import trainer_module
+
+    def fn_args(execution, config, files):
+        return types.SimpleNamespace(
+            model_run_dir=f"/root/Trainer/model_run/{execution}", custom_config=config, train_files=files
+        )
+
+    first = trainer_module.backup_dir(fn_args(7, {"train": {"epochs": 2}}, ["b", "a"]))
+    retry = trainer_module.backup_dir(fn_args(9, {"train": {"epochs": 2}}, ["a", "b"]))
+    assert first == retry and first.startswith("/root/Trainer/model_run/backup/")
+    assert trainer_module.backup_dir(fn_args(9, {"train": {"epochs": 3}}, ["a", "b"])) != first
+    assert trainer_module.backup_dir(fn_args(9, {"train": {"epochs": 2}}, ["a", "c"])) != first
