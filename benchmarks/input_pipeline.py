@@ -14,11 +14,15 @@
    with the preset's model and compile settings. Cached-view fit speed is what the train step
    consumes; live / cached step time near 1 means the pipeline keeps up while sharing the
    cores with training. Headroom = pipeline alone / consumption (target >= 2 at 32 px).
+3. `augment_op` (with `--ops`): where the augmentation time goes: `augment.two_views` on one
+   batch in a `tf.function` with only one op enabled (probability 1), per op, interleaved;
+   `ms_over_crop` is its cost above the crops alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import time
 
@@ -31,7 +35,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import tfmodel  # noqa: E402
-from byol_tf import data  # noqa: E402
+from byol_tf import augment, data  # noqa: E402
+from byol_tf.config import ViewConfig  # noqa: E402
 
 TARGET_HEADROOM = 2.0
 
@@ -127,6 +132,65 @@ def fit_live_versus_cached(config, jit_compile, live, steps: int, rounds: int) -
     return {name: timer.times for name, timer in timers.items()}
 
 
+def op_variants(view: ViewConfig) -> dict[str, ViewConfig]:
+    """One view config per augmentation op, firing on every image; "crop" has no other op."""
+    crop_only = dataclasses.replace(
+        view, flip_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0
+    )
+    jitter = dict(color_jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    variants = {"crop": crop_only, "flip": dataclasses.replace(crop_only, flip_prob=1.0)}
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        # A magnitude the preset switches off (e.g. hue for digits) gets the paper's, to show its cost.
+        magnitude = getattr(view, name) or getattr(ViewConfig(), name)
+        variants[f"jitter_{name}"] = dataclasses.replace(crop_only, **{**jitter, name: magnitude})
+    variants["grayscale"] = dataclasses.replace(crop_only, grayscale_prob=1.0)
+    variants["blur"] = dataclasses.replace(crop_only, blur_prob=1.0)
+    variants["solarize"] = dataclasses.replace(crop_only, solarize_prob=1.0)
+    variants["full_view"] = view  # the preset's view 1, with its own probabilities
+    return variants
+
+
+def op_costs(config, source: str, source_size: int, count: int, reps: int, warmup: int, out) -> list[dict]:
+    """Where the augmentation time goes: each op alone on one batch, in a tf.function.
+
+    Both views get the same variant (view 1's distribution with one op at probability 1),
+    so each figure is the cost of that op on two views plus the crops.
+    """
+    batch_size, size = config.data.batch_size, config.augment.image_size
+    if source == "mnist5k":
+        images = next(iter(data.load_split(config.data, "train").batch(batch_size)))["image"]
+    else:
+        images = tf.constant(synthetic_images(batch_size, source_size)["image"])
+    functions = {}
+    for name, view in op_variants(config.augment.view1).items():
+        augment_config = dataclasses.replace(config.augment, view1=view, view2=view)
+
+        @tf.function
+        def run(images, seed, augment_config=augment_config):
+            return augment.two_views(images, augment_config, seed)
+
+        seed = tf.constant([1, 2], tf.int64)
+        functions[name] = lambda run=run: [view.numpy() for view in run(images, seed)]
+    times = common.interleaved(functions, reps, warmup)
+    crop = common.median(times["crop"])
+    records = []
+    for name, values in times.items():
+        median = common.median(values)
+        records.append(
+            common.record(
+                "augment_op",
+                {"op": name, "source": source, "size": size, "batch": batch_size},
+                batch_size / median,
+                "images/s",
+                median,
+                len(values),
+                out,
+                ms_over_crop=1000.0 * (median - crop) if name != "crop" else 0.0,
+            )
+        )
+    return records
+
+
 def measure(args) -> list[dict]:
     overrides = list(args.set)
     if args.source == "mnist5k":
@@ -150,6 +214,8 @@ def measure(args) -> list[dict]:
         "num_parallel_calls": config.data.num_parallel_calls if args.parallel is None else args.parallel,
         "smoke": args.smoke,
     }
+    if args.ops:
+        op_costs(config, args.source, source_size, args.count, args.op_reps, args.warmup, args.out)
     pipeline = pipeline_throughput(live, args.blocks, args.batches, args.warmup)
     records = [
         common.record(
@@ -205,6 +271,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per block")
     parser.add_argument("--fit-steps", type=int, default=5, help="timed steps per fit (0: no fit test)")
     parser.add_argument("--rounds", type=int, default=2, help="cached/live fit alternations")
+    parser.add_argument("--ops", action="store_true", help="also time each augmentation op alone (augment_op)")
+    parser.add_argument("--op-reps", type=int, default=10, help="timed repetitions per op with --ops")
     parser.add_argument("--jit", choices=("config", "on", "off"), default="config")
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -222,6 +290,7 @@ def main(argv=None):
             args.size = min(args.size, 16)
         args.blocks, args.batches, args.warmup, args.rounds = 1, 2, 1, 1
         args.fit_steps = min(args.fit_steps, 2)
+        args.op_reps = 2
     measure(args)
 
 

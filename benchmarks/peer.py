@@ -1,19 +1,20 @@
 """byol-tf versus the PyTorch peer (lightly), measured alternately in one run.
 
     python -m benchmarks.peer --encoder resnet18_cifar --batch 128 --size 32
+    python -m benchmarks.peer --encoder resnet18_cifar --batch 128 --size 32 --jit config off
 
-Two persistent worker processes, one per venv: byol-tf (this venv; `fit`'s compiled train
-step, as `benchmarks.step` times it) and lightly (benchmarks/.venv-torch, see
-`benchmarks.peer_lightly`). Each builds its model and warms up while the other is idle;
-then the driver asks them in turn for one step each (byol-tf, lightly, byol-tf, ...), with a
-short pause between turns so neither's worker threads still spin while the other runs. The
-idle worker blocks on its stdin, so the two never compete for the cores.
+Persistent worker processes, one per venv: byol-tf (this venv; `fit`'s compiled train step,
+as `benchmarks.step` times it; one worker per `--jit` value) and lightly
+(benchmarks/.venv-torch, see `benchmarks.peer_lightly`). Each builds its model and warms up
+while the others are idle; then the driver asks them in turn for one step each (byol-tf,
+lightly, byol-tf, ...), with a short pause between turns so no worker's threads still spin
+while the next runs. Idle workers block on their stdin, so they never compete for the cores.
 
 Both get the same backbone (ResNet-18 with the CIFAR stem), heads, batch, image size,
 in-memory views and a LARS optimizer excluding biases and BN parameters. byol-tf keeps its
 online linear probe and metrics, which lightly's step does not have (byol-tf is charged for
-them). Prints one JSON line `versus_peer`: value = byol-tf images/s / lightly images/s
-(target >= 1.3), with both medians.
+them). Prints one JSON line `versus_peer` per byol-tf worker: value = byol-tf images/s /
+lightly images/s (target >= 1.3), with both medians.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common
+from benchmarks import common, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
@@ -108,7 +109,7 @@ def tf_worker(args):
     common.serve(step, info, args.warmup)
 
 
-def drive(args) -> dict:
+def drive(args) -> list[dict]:
     if not os.path.exists(args.torch_python):
         raise SystemExit(
             f"no PyTorch venv at {args.torch_python}: run benchmarks/setup_torch_venv.sh first"
@@ -116,19 +117,25 @@ def drive(args) -> dict:
     shared = ["--encoder", args.encoder, "--batch", str(args.batch), "--size", str(args.size),
               "--warmup", str(args.warmup), "--optimizer", args.optimizer]
     heads = ["--heads", *map(str, args.heads)] if args.heads else []
-    tf_command = [sys.executable, "-m", "benchmarks.peer", "--worker-tf", "--jit", args.jit, *shared, *heads]
-    for override in args.set:
-        tf_command += ["--set", override]
-    torch_command = [args.torch_python, "-m", "benchmarks.peer_lightly", "--serve",
-                     "--threads", str(args.threads), *shared, *heads]
-    workers = []
+    # One byol-tf worker per distinct jit_compile value (e.g. the preset's and "off").
+    config = presets.load_config(args.encoder, args.batch, args.size, args.set)
+    jit_values = list(dict.fromkeys(presets.jit_setting(config, jit) for jit in args.jit))
+    commands = {}
+    for jit_compile in jit_values:
+        command = [sys.executable, "-m", "benchmarks.peer", "--worker-tf", "--jit", "on" if jit_compile else "off",
+                   *shared, *heads]
+        for override in args.set:
+            command += ["--set", override]
+        commands[f"byol-tf xla={'on' if jit_compile else 'off'}"] = command
+    commands["lightly"] = [args.torch_python, "-m", "benchmarks.peer_lightly", "--serve",
+                           "--threads", str(args.threads), *shared, *heads]
+    workers, infos = [], {}
     try:
         # One at a time: each builds and warms up on an otherwise idle machine.
-        workers.append(Worker("byol-tf", tf_command))
-        tf_info = workers[0].receive("ready")
-        workers.append(Worker("lightly", torch_command))
-        torch_info = workers[1].receive("ready")
-        times = {"byol-tf": [], "lightly": []}
+        for name, command in commands.items():
+            workers.append(Worker(name, command))
+            infos[name] = workers[-1].receive("ready")
+        times = {worker.name: [] for worker in workers}
         for _ in range(args.reps):
             for worker in workers:
                 time.sleep(args.pause)
@@ -137,35 +144,39 @@ def drive(args) -> dict:
         for worker in workers:
             worker.close()
 
-    tf_median = common.median(times["byol-tf"])
+    torch_info = infos.pop("lightly")
     torch_median = common.median(times["lightly"])
-    description = {
-        "encoder": args.encoder,
-        "batch": args.batch,
-        "size": args.size,
-        "heads": tf_info["heads"],
-        "optimizer": args.optimizer,
-        "jit_compile": tf_info["jit_compile"],
-        "torch_threads": torch_info["torch_threads"],
-        "smoke": args.smoke,
-    }
-    return common.record(
-        "versus_peer",
-        description,
-        torch_median / tf_median,
-        "x lightly",
-        tf_median,
-        len(times["byol-tf"]),
-        args.out,
-        byol_tf_images_per_s=args.batch / tf_median,
-        lightly_images_per_s=args.batch / torch_median,
-        lightly_median_s=torch_median,
-        byol_tf_times_s=times["byol-tf"],
-        lightly_times_s=times["lightly"],
-        byol_tf=tf_info,
-        lightly=torch_info,
-        target=TARGET_SPEEDUP,
-    )
+    records = []
+    for name, tf_info in infos.items():
+        tf_median = common.median(times[name])
+        description = {
+            "encoder": args.encoder,
+            "batch": args.batch,
+            "size": args.size,
+            "heads": tf_info["heads"],
+            "optimizer": args.optimizer,
+            "jit_compile": tf_info["jit_compile"],
+            "torch_threads": torch_info["torch_threads"],
+            "smoke": args.smoke,
+        }
+        records.append(common.record(
+            "versus_peer",
+            description,
+            torch_median / tf_median,
+            "x lightly",
+            tf_median,
+            len(times[name]),
+            args.out,
+            byol_tf_images_per_s=args.batch / tf_median,
+            lightly_images_per_s=args.batch / torch_median,
+            lightly_median_s=torch_median,
+            byol_tf_times_s=times[name],
+            lightly_times_s=times["lightly"],
+            byol_tf=tf_info,
+            lightly=torch_info,
+            target=TARGET_SPEEDUP,
+        ))
+    return records
 
 
 def parser() -> argparse.ArgumentParser:
@@ -178,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
         help="head widths (default: the encoder's preset)",
     )
     parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config", help="byol-tf jit_compile")
+    parser.add_argument("--jit", choices=("config", "on", "off"), nargs="+", default=["config"],
+                        help="byol-tf jit_compile; several values start one byol-tf worker each (one lightly)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="byol-tf config override (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -196,6 +208,7 @@ def main(argv=None):
         args.batch, args.size, args.reps, args.warmup, args.pause = min(args.batch, 8), min(args.size, 16), 2, 1, 0.0
         args.heads = args.heads or [32, 16, 32]
     if args.worker_tf:
+        (args.jit,) = args.jit
         tf_worker(args)
     else:
         drive(args)

@@ -158,6 +158,13 @@ def section_input(records) -> list[str]:
     lines += ["Two-view augmentation alone (`data.pretraining_dataset`, images in memory):", "",
               *_table(["source", "source px", "view px", "batch", "parallel calls", "images/s", "s/batch", "load"],
                       rows)]
+    ops = _of(records, "augment_op")
+    if ops:
+        rows = [[e["config"]["source"], e["config"]["size"], e["config"]["batch"], e["config"]["op"], e["value"],
+                 1000.0 * e["median_s"], e.get("ms_over_crop"), e.get("load_avg_1m")] for e in ops]
+        lines += ["", "Where the augmentation time goes (`augment.two_views` on one batch, one op at probability 1):",
+                  "", *_table(["source", "px", "batch", "op", "images/s", "ms/batch (2 views)", "ms over crop alone",
+                               "load"], rows)]
     if bound:
         rows = [[e["config"]["source"], e["config"]["size"], e["config"]["encoder"], e["config"]["batch"],
                  e.get("pipeline_images_per_s"), e.get("consumption_images_per_s"), e.get("headroom"),
@@ -167,7 +174,7 @@ def section_input(records) -> list[str]:
                   "", *_table(["source", "px", "encoder", "batch", "pipeline alone images/s",
                                "step consumes images/s", "headroom", ">= 2", "fit live images/s",
                                "live / cached step time", "load"], rows)]
-    return lines + _commands(pipelines + bound)
+    return lines + _commands(pipelines + ops + bound)
 
 
 def section_switches(records) -> list[str]:

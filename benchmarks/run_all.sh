@@ -41,27 +41,32 @@ step() {  # step TITLE COMMAND...: runs one benchmark, appending to $out, and sa
 step "step small_convnet" "$py" -m benchmarks.step --encoder small_convnet --batch 128 --size 28
 step "step resnet18" "$py" -m benchmarks.step --encoder resnet18_cifar --batch 128 --size 32
 
-# 2. Versus lightly (PyTorch), alternating steps, ResNet-18 CIFAR stem, 4096/256 heads.
-step "peer resnet18" "$py" -m benchmarks.peer --encoder resnet18_cifar --batch 128 --size 32 --reps 10
+# 2. Versus lightly (PyTorch), alternating steps, ResNet-18 CIFAR stem, 4096/256 heads; byol-tf with the
+#    preset's XLA setting and without (XLA on CPU compiles convolutions without oneDNN).
+step "peer resnet18" "$py" -m benchmarks.peer --encoder resnet18_cifar --batch 128 --size 32 --reps 10 --jit config off
 
-# 3. Input pipeline alone and fit on live versus cached views.
+# 3. Input pipeline alone, each augmentation op alone, and fit on live versus cached views (ResNet-18
+#    without XLA: the faster step is the stricter test of whether the pipeline keeps up).
 step "input mnist5k" "$py" -m benchmarks.input_pipeline --source mnist5k --encoder small_convnet --size 28 --batch 128
 step "input 32px" "$py" -m benchmarks.input_pipeline --source synthetic --encoder resnet18_cifar --size 32 --batch 128 \
-  --fit-steps 4 --rounds 2
+  --fit-steps 3 --rounds 2 --jit off --ops
 step "input 224px" "$py" -m benchmarks.input_pipeline --source synthetic --encoder resnet50 --size 224 --batch 32 \
-  --count 256 --batches 10 --blocks 2 --fit-steps 0
+  --count 256 --batches 10 --blocks 2 --fit-steps 0 --ops --op-reps 5
 
-# 4. Switches: all on the demo net; the step-level ones on ResNet-18; tf.data at 32 px.
+# 4. Switches: all on the demo net; the step-level ones on ResNet-18 (batch 32 to stay affordable; the
+#    jit switch compares the preset's setting with the other, the rest run without XLA, which wins on
+#    CPU in the preliminary runs); tf.data at 32 px.
 step "switches small_convnet" "$py" -m benchmarks.switches --encoder small_convnet --batch 128 --size 28
-step "switches resnet18" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 128 --size 32 --reps 5 \
-  --warmup 2 --switch jit --switch sync_bn --switch fused_bn --switch precision
+step "switches resnet18" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 32 --size 32 --reps 6 \
+  --warmup 2 --jit off --switch jit --switch sync_bn --switch fused_bn --switch precision
 step "switches tf.data 32px" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 128 --size 32 --switch tfdata
 
-# 5. Scaling: step time versus batch size and image size.
+# 5. Scaling: step time versus batch size and image size (ResNet-18 without XLA: six XLA compilations
+#    alone would take minutes, and XLA loses on CPU anyway).
 step "scaling small_convnet" "$py" -m benchmarks.scaling --encoder small_convnet --batches 32 64 128 256 512 \
   --batch-sweep-size 28 --sizes 16 28 32 64 --size-sweep-batch 128
 step "scaling resnet18" "$py" -m benchmarks.scaling --encoder resnet18_cifar --batches 32 64 128 \
-  --batch-sweep-size 32 --sizes 16 32 64 --size-sweep-batch 32 --reps 3 --warmup 1
+  --batch-sweep-size 32 --sizes 16 32 64 --size-sweep-batch 32 --reps 3 --warmup 1 --jit off
 
 echo "== all benchmarks: $((SECONDS - start_all)) s" >&2
 # The PyTorch venv has matplotlib for the plot; the report itself needs only the standard library.

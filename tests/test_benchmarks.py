@@ -123,6 +123,22 @@ def test_input_pipeline_synthetic_views_have_the_view_size():
     assert float(tf.reduce_min(batch["view1"])) >= 0.0 and float(tf.reduce_max(batch["view1"])) <= 1.0
 
 
+def test_augment_op_variants_enable_exactly_one_op():
+    from benchmarks import input_pipeline
+    from byol_tf.config import ViewConfig
+
+    view = ViewConfig(hue=0.0, saturation=0.0, flip_prob=0.0)  # as the digits preset
+    variants = input_pipeline.op_variants(view)
+    assert variants["full_view"] == view
+    crop = variants["crop"]
+    assert (crop.flip_prob, crop.color_jitter_prob, crop.grayscale_prob, crop.blur_prob, crop.solarize_prob) == (0,) * 5
+    assert variants["blur"].blur_prob == 1.0 and variants["blur"].solarize_prob == 0.0
+    hue = variants["jitter_hue"]
+    # A magnitude the preset turns off is timed at the paper's value rather than as a no-op.
+    assert hue.color_jitter_prob == 1.0 and hue.hue == ViewConfig().hue
+    assert hue.brightness == hue.contrast == hue.saturation == 0.0
+
+
 # ------------------------------------------------------------------------- switches
 
 
