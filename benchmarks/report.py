@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,8 @@ def _table(headers, rows) -> list[str]:
 def _commands(records) -> list[str]:
     commands = []
     for entry in records:
-        command = entry.get("command")
+        # Where a run wrote its lines is not part of how to reproduce it.
+        command = re.sub(r" --out \S+", "", entry.get("command") or "")
         if command and command not in commands:
             commands.append(command)
     if not commands:
@@ -116,13 +118,17 @@ def section_step(records) -> list[str]:
     for entry in parts:
         c, p = entry["config"], entry.get("parts_s", {})
         step = steps.get(json.dumps(c, sort_keys=True), {})
+        environment = ", ".join(
+            f"{name}={c[name]}" for name in ("onednn", "interop_threads") if c.get(name, "default") != "default"
+        )
         rows.append([
-            c["encoder"], c["batch"], c["size"], c.get("jit_compile"), entry["median_s"], step.get("value"),
+            c["encoder"], c["batch"], c["size"], c.get("jit_compile"), environment or "-", entry["median_s"],
+            step.get("value"),
             p.get("online_fwd_bwd_x2"), p.get("target_fwd_x2"), p.get("optimizer_apply"), p.get("ema_update"),
             entry.get("sum_parts_s"), entry["value"], entry.get("ratio_paired_median"),
             _met(entry["value"], entry.get("target"), higher_is_better=False), entry.get("load_avg_1m"),
         ])
-    headers = ["encoder", "batch", "px", "XLA", "full step s", "images/s", "online fwd+bwd x2 s",
+    headers = ["encoder", "batch", "px", "XLA", "environment", "full step s", "images/s", "online fwd+bwd x2 s",
                "target fwd x2 s", "optimizer s", "EMA s", "sum of parts s", "full / parts",
                "paired ratio", "<= 1.10", "load"]
     return ["## 1. Full train step versus the sum of its parts", "", *_table(headers, rows), *_commands(parts)]
@@ -245,6 +251,9 @@ def plot(records, path) -> bool:
             axis.plot([e["config"][key] for e in chosen], [e["value"] for e in chosen], marker="o",
                       label=f"{encoder}, {fixed_label}")
         axis.set_xscale("log", base=2)
+        ticks = sorted({e["config"][key] for e in points if e["config"]["sweep"] == sweep})
+        axis.set_xticks(ticks, [str(tick) for tick in ticks])
+        axis.minorticks_off()
         axis.set_yscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("seconds per BYOL step")

@@ -56,9 +56,9 @@ step "input 224px" "$py" -m benchmarks.input_pipeline --source synthetic --encod
 # 4. Switches: all on the demo net; the step-level ones on ResNet-18 (batch 32 to stay affordable; the
 #    jit switch compares the preset's setting with the other, the rest run without XLA, which wins on
 #    CPU in the preliminary runs); tf.data at 32 px.
-step "switches small_convnet" "$py" -m benchmarks.switches --encoder small_convnet --batch 128 --size 28
+step "switches small_convnet" "$py" -m benchmarks.switches --encoder small_convnet --batch 128 --size 28 --processes 1
 step "switches resnet18" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 32 --size 32 --reps 6 \
-  --warmup 2 --jit off --switch jit --switch sync_bn --switch fused_bn --switch precision
+  --warmup 2 --jit off --processes 1 --switch jit --switch sync_bn --switch fused_bn --switch precision --switch interop
 step "switches tf.data 32px" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 128 --size 32 --switch tfdata
 
 # 5. Scaling: step time versus batch size and image size (ResNet-18 without XLA: six XLA compilations

@@ -132,6 +132,7 @@ def measure(args) -> list[dict]:
         "online_probe": config.train.online_probe,
         "overrides": list(args.set),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "interop_threads": os.environ.get("TF_NUM_INTEROP_THREADS", "default"),
         "smoke": args.smoke,
     }
     records = [

@@ -19,9 +19,11 @@ In-process switches build one model per setting and alternate their steps (A B A
 - `fused_bn`: prototype: the library's encoder with Keras' BatchNormalization (moments +
   batch_normalization, several ops per layer) versus `FusedBatchNormalization` below (TF's
   one-op FusedBatchNormV3 kernel forward and backward).
-Fresh-process switch (an environment variable read when TensorFlow loads):
-- `onednn`: TF_ENABLE_ONEDNN_OPTS=1 / 0, alternating `python -m benchmarks.step --no-parts`
-  processes.
+Fresh-process switches (environment variables read when TensorFlow starts), alternating
+`python -m benchmarks.step --no-parts` processes:
+- `onednn`: TF_ENABLE_ONEDNN_OPTS=1 / 0.
+- `interop`: TF_NUM_INTEROP_THREADS unset (= cores) / 1: whether running independent graph
+  branches (the two views, online and target) concurrently helps or oversubscribes.
 Input pipeline switch (pipeline alone, fresh iterators, settings alternating per block):
 - `tfdata`: num_parallel_calls AUTOTUNE / 1 / 2, deterministic order on / off, a private
   thread pool of `nproc` threads.
@@ -49,7 +51,7 @@ from byol_tf import networks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = ("jit", "precision", "sync_bn", "layout", "fused_bn")
-SWITCHES = (*IN_PROCESS, "onednn", "tfdata")
+SWITCHES = (*IN_PROCESS, "onednn", "interop", "tfdata")
 
 
 # ------------------------------------------------------------------ prototype layers
@@ -236,11 +238,23 @@ def report(switch, args, times: dict, errors: dict, default: str | None = None, 
 # ------------------------------------------------------------------ fresh-process switch
 
 
-def onednn(args, base_overrides) -> list[dict]:
-    """TF_ENABLE_ONEDNN_OPTS=1 / 0: alternating step.py processes (A B A B)."""
-    times, errors = {"on": [], "off": []}, {}
+# Fresh-process switches: environment variables TensorFlow reads when it starts.
+# {switch: [(setting, value or None to unset), ...]}; the first setting is the default.
+ENVIRONMENT_SWITCHES = {
+    "onednn": ("TF_ENABLE_ONEDNN_OPTS", [("on", "1"), ("off", "0")]),
+    # Inter-op threads run independent graph branches (the two views, online and target)
+    # at once, each branch's kernels also using the intra-op pool: on few cores that can
+    # oversubscribe them.
+    "interop": ("TF_NUM_INTEROP_THREADS", [("default", None), ("1", "1")]),
+}
+
+
+def environment_switch(switch, args, base_overrides) -> list[dict]:
+    """Settings of an environment variable: alternating step.py processes (A B A B)."""
+    variable, choices = ENVIRONMENT_SWITCHES[switch]
+    times, errors = {name: [] for name, _ in choices}, {}
     for _ in range(args.processes):
-        for name, value in (("on", "1"), ("off", "0")):
+        for name, value in choices:
             command = [
                 sys.executable, "-m", "benchmarks.step", "--no-parts", "--encoder", args.encoder,
                 "--batch", str(args.batch), "--size", str(args.size), "--jit", args.jit,
@@ -248,7 +262,9 @@ def onednn(args, base_overrides) -> list[dict]:
             ]
             for override in base_overrides:
                 command += ["--set", override]
-            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": value}
+            env = {key: item for key, item in os.environ.items() if key != variable}
+            if value is not None:
+                env[variable] = value
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             if result.returncode != 0 or not lines:
@@ -256,7 +272,8 @@ def onednn(args, base_overrides) -> list[dict]:
                 continue
             times[name] += json.loads(lines[-1])["step_times_s"]
     times = {name: values for name, values in times.items() if values}
-    return report("onednn", args, times, errors, default="on")
+    return report(switch, args, times, errors, default=choices[0][0],
+                  extra_config=lambda name: {"environment": variable})
 
 
 # ------------------------------------------------------------------ tf.data switch
@@ -308,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--jit", choices=("config", "on", "off"), default="config",
                         help="jit_compile for the switches other than jit (default: the preset's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--processes", type=int, default=2, help="onednn: processes per setting")
+    parser.add_argument("--processes", type=int, default=2, help="onednn / interop: processes per setting")
     parser.add_argument("--rounds", type=int, default=3, help="tfdata: blocks per setting")
     parser.add_argument("--batches", type=int, default=20, help="tfdata: timed batches per block")
     parser.add_argument("--count", type=int, default=2048, help="tfdata: synthetic images in memory")
@@ -328,8 +345,8 @@ def main(argv=None):
     for switch in chosen:
         if switch in IN_PROCESS:
             in_process(switch, args, overrides)
-        elif switch == "onednn":
-            onednn(args, overrides)
+        elif switch in ENVIRONMENT_SWITCHES:
+            environment_switch(switch, args, overrides)
         else:
             tfdata(args, overrides)
 

@@ -139,6 +139,21 @@ def test_augment_op_variants_enable_exactly_one_op():
     assert hue.brightness == hue.contrast == hue.saturation == 0.0
 
 
+@pytest.mark.parametrize("size, radius", [(16, 1), (40, 2)])
+def test_depthwise_blur_prototype_equals_the_library_blur(size, radius):
+    from benchmarks import input_pipeline
+    from byol_tf import augment
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(size=(3, size, size + 2, 3)).astype("float32"))
+    sigma = tf.constant([0.1, 1.0, 2.0])
+    np.testing.assert_allclose(
+        input_pipeline.depthwise_gaussian_blur(images, sigma, radius),
+        augment.gaussian_blur(images, sigma, radius),
+        atol=1e-5,
+    )
+
+
 # ------------------------------------------------------------------------- switches
 
 
@@ -167,13 +182,15 @@ def test_switches_smoke_layout_fused_bn_and_tfdata(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_switches_smoke_onednn_runs_fresh_processes(capsys, tmp_path):
+@pytest.mark.parametrize("switch, settings", [("onednn", {"on", "off"}), ("interop", {"default", "1"})])
+def test_switches_smoke_environment_switches_run_fresh_processes(capsys, tmp_path, switch, settings):
     from benchmarks import switches
 
-    records = _run_main(switches, ["--encoder", "small_convnet", "--switch", "onednn"], capsys, tmp_path)
-    assert {r["config"]["setting"] for r in records} == {"on", "off"}
+    records = _run_main(switches, ["--encoder", "small_convnet", "--switch", switch], capsys, tmp_path)
+    assert {r["config"]["setting"] for r in records} == settings
     for entry in records:
         _check_record(entry, "switch", "images/s")
+        assert entry["config"]["environment"] == switches.ENVIRONMENT_SWITCHES[switch][0]
 
 
 def _network_config(encoder):
@@ -249,7 +266,7 @@ def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
 def _fake_results(path):
     def line(benchmark, config, value, unit, median_s=0.5, n=10, **extra):
         return json.dumps({"benchmark": benchmark, "config": config, "value": value, "unit": unit,
-                           "median_s": median_s, "n": n, "command": f"python -m benchmarks.{benchmark} --x",
+                           "median_s": median_s, "n": n, "command": f"python -m benchmarks.{benchmark} --x --out /tmp/r.jsonl",
                            "load_avg_1m": 0.5, "time": "2026-11-30T00:00:00+00:00", **extra})
 
     step_config = {"encoder": "resnet18_cifar", "batch": 128, "size": 32, "jit_compile": True}
@@ -292,7 +309,8 @@ def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
                     "## 4. Switches", "## 5. Scaling"):
         assert heading in text
     assert "Test CPU" in text and "python -m benchmarks.step_vs_parts --x" in text
-    assert "| resnet18_cifar | 128 | 32 | yes | 0.5 | 300 |" in text  # the later step record won
+    assert "| resnet18_cifar | 128 | 32 | yes | - | 0.5 | 300 |" in text  # the later step record won
+    assert "--out" not in text
     assert "InvalidArgumentError: NCHW" in text
     # Idempotent: a second run replaces the block rather than adding one.
     report.main([str(results), "--markdown", str(markdown), "--plot", str(tmp_path / "plot.png")])
