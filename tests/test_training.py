@@ -69,3 +69,15 @@ def test_cli_train_smoke_writes_config_logs_encoder_and_loss_falls(tmp_path, cap
     taus = scalars["epoch_tau"]
     assert taus == sorted(taus) and 0.99 <= taus[0] < 1.0
     assert all(value > 0.2 / np.sqrt(32) for value in scalars["epoch_collapse_std"])
+
+
+def test_synchronized_batch_norm_only_with_several_replicas():
+    cfg = config.load(SMOKE, ["network.sync_batchnorm=true"])
+
+    class Replicas:
+        def __init__(self, count):
+            self.num_replicas_in_sync = count
+
+    assert training._model_config(cfg, Replicas(1)).network.sync_batchnorm is False
+    assert training._model_config(cfg, Replicas(2)).network.sync_batchnorm is True
+    assert training._model_config(cfg, Replicas(1)).data == cfg.data
