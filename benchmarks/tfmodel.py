@@ -32,7 +32,13 @@ def num_classes(config: config_lib.Config) -> int | None:
     return config.data.num_classes or 10
 
 
-def build(config: config_lib.Config, jit_compile: bool, precision: str | None = None, build_encoder=None):
+def build(
+    config: config_lib.Config,
+    jit_compile: bool,
+    precision: str | None = None,
+    build_encoder=None,
+    model_class=None,
+):
     """A compiled BYOLModel as `training.train` builds it (default strategy, one device).
 
     Args:
@@ -41,6 +47,7 @@ def build(config: config_lib.Config, jit_compile: bool, precision: str | None = 
         precision: a Keras dtype policy name, or None for the config's precision.
         build_encoder: a zero-argument encoder factory replacing the library's (prototypes
             of encoder changes); the heads, optimizer and everything else stay the library's.
+        model_class: a `byol.BYOLModel` subclass replacing it (prototypes of train-step changes).
 
     Returns:
         The model, compiled and ready for `model.make_train_function()`.
@@ -49,12 +56,13 @@ def build(config: config_lib.Config, jit_compile: bool, precision: str | None = 
     policy = precision or distribute.precision_policy(config.distribute)
     total_steps = config.train.epochs * SCHEDULE_STEPS
     with distribute.dtype_policy(policy):
-        if build_encoder is None:
+        if build_encoder is None and model_class is None:
             model = training.build_model(config, total_steps, num_classes(config))
         else:
             net = config.network
-            model = byol.BYOLModel(
-                build_encoder=build_encoder,
+            size = config.augment.image_size
+            model = (model_class or byol.BYOLModel)(
+                build_encoder=build_encoder or (lambda: networks.build_encoder(net, size)),
                 build_projector=lambda: networks.build_mlp(
                     net.projector_hidden_dim, net.projection_dim, net, name="projector"
                 ),

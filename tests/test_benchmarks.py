@@ -72,6 +72,37 @@ def test_step_smoke_reports_full_step_and_parts(capsys, tmp_path):
     assert ratio["target"] == 1.1
 
 
+def test_step_prototype_line(capsys, tmp_path):
+    from benchmarks import step
+
+    records = _run_main(
+        step, ["--encoder", "small_convnet", "--no-parts", "--prototype", "sequential_views"], capsys, tmp_path
+    )
+    assert [r["benchmark"] for r in records] == ["step", "step_prototype"]
+    _check_record(records[1], "step_prototype", "images/s")
+    assert records[1]["config"]["prototype"] == "sequential_views"
+    assert records[1]["speedup"] == pytest.approx(records[0]["median_s"] / records[1]["median_s"], rel=1e-3)
+
+
+def test_sequential_views_prototype_updates_the_model_exactly_as_the_library_step():
+    """A prototype that computed something else would make its speed meaningless."""
+    from benchmarks import step, tfmodel
+
+    config = tfmodel.load_config("small_convnet", 8, 16, list(tfmodel.SMOKE_OVERRIDES))
+    batch = tfmodel.synthetic_batch(8, 16, tfmodel.num_classes(config), seed=3)
+    models = []
+    for model_class in (None, step.SequentialViewsBYOL):
+        keras.utils.set_random_seed(0)
+        model = tfmodel.build(config, False, model_class=model_class)
+        logs = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())
+        models.append((model, [logs() for _ in range(2)]))
+    (library, library_losses), (prototype, prototype_losses) = models
+    np.testing.assert_allclose(prototype_losses, library_losses, rtol=1e-5)
+    assert len(library.weights) == len(prototype.weights)
+    for a, b in zip(library.weights, prototype.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+
+
 def test_step_no_parts_prints_only_the_step(capsys, tmp_path):
     from benchmarks import step
 
