@@ -110,8 +110,7 @@ class SequentialViewsBYOL(byol.BYOLModel):
 
     def _gradients(self, data, global_batch, trainable):
         view1, view2 = data["view1"], data["view2"]
-        target_z1 = tf.stop_gradient(self.target_projector(self.target_encoder(view1, training=True), training=True))
-        target_z2 = tf.stop_gradient(self.target_projector(self.target_encoder(view2, training=True), training=True))
+        target_z1, target_z2 = self.target_projection(view1), self.target_projection(view2)
         with tf.GradientTape() as tape:
             representation1 = self.online_encoder(view1, training=True)
             online_z1 = self.online_projector(representation1, training=True)

@@ -265,15 +265,17 @@ class BYOLModel(keras.Model):
         logs["learning_rate"] = tf.cast(self.optimizer.learning_rate, tf.float32)
         return logs
 
+    def target_projection(self, view):
+        """Target network output for a view: no gradient; BN in training mode as in the reference."""
+        return tf.stop_gradient(self.target_projector(self.target_encoder(view, training=True), training=True))
+
     def _gradients(self, data, global_batch, trainable):
         """Gradients of one (micro-)batch's share of the loss, and its summed metric terms.
 
         Everything after the networks runs in float32, whatever the dtype policy.
         """
         view1, view2 = data["view1"], data["view2"]
-        # Target outputs carry no gradient; BN runs in training mode as in the reference.
-        target_z1 = tf.stop_gradient(self.target_projector(self.target_encoder(view1, training=True), training=True))
-        target_z2 = tf.stop_gradient(self.target_projector(self.target_encoder(view2, training=True), training=True))
+        target_z1, target_z2 = self.target_projection(view1), self.target_projection(view2)
 
         with tf.GradientTape() as tape:
             representation1 = self.online_encoder(view1, training=True)
