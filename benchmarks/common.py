@@ -50,7 +50,25 @@ def machine() -> dict:
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "gpus": gpus(),
     }
+
+
+def gpus() -> list[str]:
+    """NVIDIA GPUs as `nvidia-smi` names them (name, driver, memory); [] where there is none."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        answer = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in answer.stdout.splitlines() if line.strip()]
 
 
 def _memory_gib() -> float | None:

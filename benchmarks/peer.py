@@ -103,7 +103,7 @@ def tf_worker(args):
         "heads": [config.network.projector_hidden_dim, config.network.projection_dim,
                   config.network.predictor_hidden_dim],
         "online_probe": config.train.online_probe,
-        "sync_batchnorm": config.network.sync_batchnorm,
+        "sync_batchnorm": tfmodel.sync_batchnorm(config),
         "optimizer": config.optimizer.name,
     }
     common.serve(step, info, args.warmup)

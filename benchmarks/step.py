@@ -174,12 +174,13 @@ def measure(args) -> list[dict]:
             config.network.projection_dim,
             config.network.predictor_hidden_dim,
         ],
-        "sync_batchnorm": config.network.sync_batchnorm,
+        "sync_batchnorm": tfmodel.sync_batchnorm(config),
         "online_probe": config.train.online_probe,
         "overrides": list(args.set),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "interop_threads": os.environ.get("TF_NUM_INTEROP_THREADS", "default"),
         "smoke": args.smoke,
+        "accelerator": tfmodel.accelerator(),
     }
     records = [
         common.record(

@@ -196,6 +196,7 @@ def in_process(switch: str, args, base_overrides) -> list[dict]:
                 jit_compile,
                 options.get("precision"),
                 build_encoder=(lambda cfg=config, make=build_encoder: make(cfg)) if build_encoder else None,
+                one_replica_rule=switch != "sync_bn",
             )
             batch = tfmodel.synthetic_batch(args.batch, args.size, tfmodel.num_classes(config))
             step = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())

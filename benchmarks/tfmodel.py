@@ -32,12 +32,27 @@ def num_classes(config: config_lib.Config) -> int | None:
     return config.data.num_classes or 10
 
 
+def accelerator() -> str:
+    """What the step runs on, for the records: 'cpu' or the first GPU's name and the count."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "cpu"
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    return f"{name} x{len(gpus)}"
+
+
+def sync_batchnorm(config: config_lib.Config) -> bool:
+    """Whether `build` (one replica, the training rule) uses synchronised BN: for the records."""
+    return training.model_config(config, tf.distribute.get_strategy()).network.sync_batchnorm
+
+
 def build(
     config: config_lib.Config,
     jit_compile: bool,
     precision: str | None = None,
     build_encoder=None,
     model_class=None,
+    one_replica_rule: bool = True,
 ):
     """A compiled BYOLModel as `training.train` builds it (default strategy, one device).
 
@@ -48,11 +63,16 @@ def build(
         build_encoder: a zero-argument encoder factory replacing the library's (prototypes
             of encoder changes); the heads, optimizer and everything else stay the library's.
         model_class: a `byol.BYOLModel` subclass replacing it (prototypes of train-step changes).
+        one_replica_rule: build the networks from `training.model_config` (synchronised BN
+            off on one replica) as training does; False keeps `network.sync_batchnorm` as
+            given (the `sync_bn` switch measures both).
 
     Returns:
         The model, compiled and ready for `model.make_train_function()`.
     """
     strategy = tf.distribute.get_strategy()
+    if one_replica_rule:
+        config = training.model_config(config, strategy)
     policy = precision or distribute.precision_policy(config.distribute)
     total_steps = config.train.epochs * SCHEDULE_STEPS
     with distribute.dtype_policy(policy):

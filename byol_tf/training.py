@@ -174,7 +174,7 @@ def train(
 
     policy = distribute.precision_policy(config.distribute)
     with strategy.scope(), distribute.dtype_policy(policy):
-        model = build_model(_model_config(config, strategy), total_steps, num_classes)
+        model = build_model(model_config(config, strategy), total_steps, num_classes)
         optimizer = distribute.wrap_optimizer(build_optimizer(config, steps), policy)
         model.compile(optimizer=optimizer, jit_compile=config.train.jit_compile)
     distribute.prepare_for_fit(model, strategy)
@@ -221,7 +221,7 @@ def train(
     return TrainResult(model=model, history=history, run_dir=run_dir, steps_per_epoch=steps)
 
 
-def _model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) -> config_lib.Config:
+def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) -> config_lib.Config:
     """The config the networks are built from: synchronised BN only with several replicas.
 
     With one replica it computes the same statistics as plain BN, but Keras then takes its

@@ -244,6 +244,25 @@ def test_local_encoder_matches_the_library_encoder(encoder, size):
     np.testing.assert_allclose(local(images, training=False), library(images, training=False), atol=1e-5)
 
 
+@pytest.mark.parametrize("one_replica_rule, synchronized", [(True, False), (False, True)])
+def test_benchmark_model_follows_the_one_replica_batchnorm_rule(one_replica_rule, synchronized):
+    """Benchmarks time what training builds: on one replica, plain BN even if the preset asks
+    for synchronised BN; the sync_bn switch opts out to measure both."""
+    from benchmarks import tfmodel
+
+    config = tfmodel.load_config("small_convnet", 4, 16, [*tfmodel.SMOKE_OVERRIDES, "network.sync_batchnorm=true"])
+    model = tfmodel.build(config, jit_compile=False, one_replica_rule=one_replica_rule)
+    norms = [
+        layer
+        for net in (model.online_encoder, model.online_projector, model.predictor)
+        for layer in net._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert norms
+    assert {layer.synchronized for layer in norms} == {synchronized}
+    assert tfmodel.sync_batchnorm(config) is False
+
+
 def test_fused_batch_normalization_matches_keras_batch_normalization():
     from benchmarks import switches
 

@@ -78,6 +78,6 @@ def test_synchronized_batch_norm_only_with_several_replicas():
         def __init__(self, count):
             self.num_replicas_in_sync = count
 
-    assert training._model_config(cfg, Replicas(1)).network.sync_batchnorm is False
-    assert training._model_config(cfg, Replicas(2)).network.sync_batchnorm is True
-    assert training._model_config(cfg, Replicas(1)).data == cfg.data
+    assert training.model_config(cfg, Replicas(1)).network.sync_batchnorm is False
+    assert training.model_config(cfg, Replicas(2)).network.sync_batchnorm is True
+    assert training.model_config(cfg, Replicas(1)).data == cfg.data
