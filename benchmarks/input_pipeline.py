@@ -151,26 +151,27 @@ def op_variants(view: ViewConfig) -> dict[str, ViewConfig]:
 
 
 @tf.autograph.experimental.do_not_convert
-def depthwise_gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Prototype of `augment.gaussian_blur` as two depthwise convolutions, batch as channels.
+def shifted_sum_gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """The library's blur before 2026-11-30, kept to time against `augment.gaussian_blur`.
 
-    Same kernels and reflect padding as the library's; the B images' C channels become
-    B*C channels of one image, so each image keeps its own sigma. One convolution op per
-    pass instead of 2r+1 shifted multiply-adds: the library's loop costs O(taps) full-image
-    passes, which dominates at 224 px (r = 11, 23 taps).
+    Same kernels and reflect padding; each pass sums 2r+1 shifted, per-image weighted copies,
+    O(taps) full-image passes, which dominated the augmentation at 224 px (r = 11, 23 taps).
+    The library now runs two depthwise convolutions with the batch stacked into channels.
     """
     if radius == 0:
         return images
-    batch, height, width, channels = (tf.shape(images)[i] for i in range(4))
-    kernels = augment.gaussian_kernels(sigma, radius)  # [B, taps]
-    taps = 2 * radius + 1
-    # [B, taps] -> [taps, B*C]: every channel of image b gets kernel b.
-    per_channel = tf.reshape(tf.repeat(tf.transpose(kernels), channels, axis=1), [taps, -1])
-    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, batch * channels])
-    padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    vertical = tf.nn.depthwise_conv2d(padded, per_channel[:, None, :, None], [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(vertical, per_channel[None, :, :, None], [1, 1, 1, 1], "VALID")
-    return tf.transpose(tf.reshape(blurred, [height, width, batch, channels]), [2, 0, 1, 3])
+    kernels = augment.gaussian_kernels(sigma, radius)
+    for axis in (1, 2):
+        length = tf.shape(images)[axis]
+        positions = tf.abs(tf.range(-radius, length + radius))
+        positions = (length - 1) - tf.abs((length - 1) - positions)
+        padded = tf.gather(images, positions, axis=axis)
+        blurred = 0.0
+        for tap in range(2 * radius + 1):
+            window = padded[:, tap : tap + length] if axis == 1 else padded[:, :, tap : tap + length]
+            blurred = blurred + kernels[:, tap, None, None, None] * window
+        images = blurred
+    return images
 
 
 def op_costs(config, source: str, source_size: int, count: int, reps: int, warmup: int, out) -> list[dict]:
@@ -196,17 +197,17 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
         functions[name] = lambda run=run: [view.numpy() for view in run(images, seed)]
     radius = augment._blur_radius(size)
     if radius > 0:
-        # Prototype of a library change, timed like "blur": crops, then every image blurred.
+        # The previous library blur, timed like "blur": crops, then every image blurred.
         crop_config = dataclasses.replace(config.augment, view1=op_variants(config.augment.view1)["crop"],
                                           view2=op_variants(config.augment.view1)["crop"])
         blur_sigma = tf.random.stateless_uniform([batch_size], [3, 4], *config.augment.view1.blur_sigma)
 
         @tf.function
-        def depthwise(images, seed):
+        def shifted_sum(images, seed):
             views = augment.two_views(images, crop_config, seed)
-            return [depthwise_gaussian_blur(view, blur_sigma, radius) for view in views]
+            return [shifted_sum_gaussian_blur(view, blur_sigma, radius) for view in views]
 
-        functions["blur_depthwise_prototype"] = lambda: [v.numpy() for v in depthwise(images, seed)]
+        functions["blur_shifted_sum_previous"] = lambda: [v.numpy() for v in shifted_sum(images, seed)]
     times = common.interleaved(functions, reps, warmup)
     crop = common.median(times["crop"])
     records = []

@@ -171,7 +171,7 @@ def test_augment_op_variants_enable_exactly_one_op():
 
 
 @pytest.mark.parametrize("size, radius", [(16, 1), (40, 2)])
-def test_depthwise_blur_prototype_equals_the_library_blur(size, radius):
+def test_previous_shifted_sum_blur_equals_the_library_blur(size, radius):
     from benchmarks import input_pipeline
     from byol_tf import augment
 
@@ -179,7 +179,7 @@ def test_depthwise_blur_prototype_equals_the_library_blur(size, radius):
     images = tf.constant(rng.uniform(size=(3, size, size + 2, 3)).astype("float32"))
     sigma = tf.constant([0.1, 1.0, 2.0])
     np.testing.assert_allclose(
-        input_pipeline.depthwise_gaussian_blur(images, sigma, radius),
+        input_pipeline.shifted_sum_gaussian_blur(images, sigma, radius),
         augment.gaussian_blur(images, sigma, radius),
         atol=1e-5,
     )
