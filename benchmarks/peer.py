@@ -119,7 +119,9 @@ def drive(args) -> list[dict]:
     heads = ["--heads", *map(str, args.heads)] if args.heads else []
     # One byol-tf worker per distinct jit_compile value (e.g. the preset's and "off").
     config = presets.load_config(args.encoder, args.batch, args.size, args.set)
-    jit_values = list(dict.fromkeys(presets.jit_setting(config, jit) for jit in args.jit))
+    # 'auto' as training resolves it, told here without TensorFlow: XLA where there is a GPU.
+    settings = [presets.jit_setting(config, jit) for jit in args.jit]
+    jit_values = list(dict.fromkeys(bool(common.gpus()) if s == "auto" else s for s in settings))
     commands = {}
     for jit_compile in jit_values:
         command = [sys.executable, "-m", "benchmarks.peer", "--worker-tf", "--jit", "on" if jit_compile else "off",

@@ -52,8 +52,9 @@ def load_config(
     )
 
 
-def jit_setting(config: config_lib.Config, jit: str) -> bool:
-    """--jit config|on|off -> the `jit_compile` that `model.compile` gets."""
+def jit_setting(config: config_lib.Config, jit: str) -> bool | str:
+    """--jit config|on|off -> `train.jit_compile` (True, False or 'auto', which
+    `tfmodel.jit_setting` resolves for the machine)."""
     if jit == "config":
-        return bool(config.train.jit_compile)
+        return config.train.jit_compile
     return jit == "on"

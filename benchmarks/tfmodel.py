@@ -18,9 +18,9 @@ from benchmarks.presets import (  # noqa: F401
     ROOT,
     SCHEDULE_STEPS,
     SMOKE_OVERRIDES,
-    jit_setting,
     load_config,
 )
+from benchmarks import presets
 from byol_tf import byol, distribute, networks, training
 from byol_tf import config as config_lib
 
@@ -30,6 +30,12 @@ def num_classes(config: config_lib.Config) -> int | None:
     if not config.train.online_probe:
         return None
     return config.data.num_classes or 10
+
+
+def jit_setting(config: config_lib.Config, jit: str) -> bool:
+    """--jit config|on|off -> the `jit_compile` that `model.compile` gets ('auto' resolved as
+    `training.train` resolves it: XLA on GPUs and TPUs, not on CPUs)."""
+    return distribute.resolve_jit_compile(presets.jit_setting(config, jit), tf.distribute.get_strategy())
 
 
 def accelerator() -> str:
@@ -73,7 +79,7 @@ def build(
     strategy = tf.distribute.get_strategy()
     if one_replica_rule:
         config = training.model_config(config, strategy)
-    policy = precision or distribute.precision_policy(config.distribute)
+    policy = precision or distribute.precision_policy(config.distribute, jit_compile)
     total_steps = config.train.epochs * SCHEDULE_STEPS
     with distribute.dtype_policy(policy):
         if build_encoder is None and model_class is None:

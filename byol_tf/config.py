@@ -210,6 +210,10 @@ class TrainConfig:
     checkpoint_every_steps: also back up every N steps (0: only at the end of each epoch).
     keep_checkpoints: backups kept in RUN_DIR/backup; 0 turns backup and resume off.
     deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
+    jit_compile: XLA for the train step: true, false, or `auto` (on with a GPU or TPU, off on
+    CPUs, where XLA:CPU compiles its own convolutions instead of calling oneDNN's and the
+    step is 1.4-1.7x slower; on an H200 XLA made the ResNet-50 step 3.5-5.5x faster:
+    benchmarks/RESULTS.md).
     """
 
     epochs: int = 100
@@ -219,7 +223,7 @@ class TrainConfig:
     run_dir: str = "runs/byol"
     log_images: int = 8
     seed: int = 0
-    jit_compile: bool = False
+    jit_compile: bool | str = "auto"
     verbose: int = 1
     gradient_accumulation_steps: int = 1
     checkpoint_every_steps: int = 0
@@ -238,6 +242,8 @@ class TrainConfig:
         _check_range(f"{prefix}.gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 4096)
         _check_range(f"{prefix}.checkpoint_every_steps", self.checkpoint_every_steps, 0, 10**9)
         _check_range(f"{prefix}.keep_checkpoints", self.keep_checkpoints, 0, 100)
+        if isinstance(self.jit_compile, str) and self.jit_compile != "auto":
+            _fail(f"{prefix}.jit_compile", f"expected true, false or 'auto', got {self.jit_compile!r}")
 
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -426,8 +432,14 @@ def _coerce(path: str, hint, value):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(path, inner, value)
+        inner = [arg for arg in args if arg is not type(None)]
+        if len(inner) == 1:
+            return _coerce(path, inner[0], value)
+        # Several types (`bool | str`): the one the YAML value already has.
+        for arg in inner:
+            if isinstance(value, arg) and not (arg in (int, float) and isinstance(value, bool)):
+                return _coerce(path, arg, value)
+        _fail(path, f"expected a {' or '.join(arg.__name__ for arg in inner)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             _fail(path, f"expected a list, got {value!r}")

@@ -101,11 +101,40 @@ def strategy_from_config(config: DistributeConfig) -> tf.distribute.Strategy:
 # ------------------------------------------------------------------------- precision
 
 
-def precision_policy(config: DistributeConfig) -> str:
-    """Keras dtype policy name: `precision`, with `auto` meaning bfloat16 on TPU only."""
-    if config.precision == "auto":
-        return "mixed_bfloat16" if config.strategy == "tpu" else "float32"
-    return config.precision
+def precision_policy(config: DistributeConfig, jit_compile: bool = False) -> str:
+    """Keras dtype policy name: `precision`, with `auto` resolved for the hardware.
+
+    `auto` is `mixed_bfloat16` on TPUs, and on GPUs with bfloat16 matrix units (compute
+    capability 8.0 or newer) when the step is XLA-compiled: on an H200 that was 1.44x the
+    float32 (TF32) step with XLA, but 0.90x without XLA (casts and unfused ops;
+    benchmarks/RESULTS.md). Everywhere else, CPUs included, `float32`.
+    """
+    if config.precision != "auto":
+        return config.precision
+    if config.strategy == "tpu":
+        return "mixed_bfloat16"
+    capabilities = gpu_compute_capabilities()
+    if jit_compile and capabilities and min(capabilities) >= (8, 0):
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) compute capability of each visible GPU; [] without GPUs."""
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        found.append(tuple(capability) if capability else (0, 0))
+    return found
+
+
+def resolve_jit_compile(setting: bool | str, strategy: tf.distribute.Strategy) -> bool:
+    """`train.jit_compile` for `model.compile`: `auto` is XLA on GPUs and TPUs, off on CPUs."""
+    if setting != "auto":
+        return bool(setting)
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    return bool(gpu_compute_capabilities())
 
 
 @contextlib.contextmanager

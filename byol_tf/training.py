@@ -172,11 +172,13 @@ def train(
     steps = steps_per_epoch(config, num_examples or 0)
     total_steps = config.train.epochs * steps
 
-    policy = distribute.precision_policy(config.distribute)
+    jit_compile = distribute.resolve_jit_compile(config.train.jit_compile, strategy)
+    policy = distribute.precision_policy(config.distribute, jit_compile)
+    logging.info("train: jit_compile %s, precision policy %s", jit_compile, policy)
     with strategy.scope(), distribute.dtype_policy(policy):
         model = build_model(model_config(config, strategy), total_steps, num_classes)
         optimizer = distribute.wrap_optimizer(build_optimizer(config, steps), policy)
-        model.compile(optimizer=optimizer, jit_compile=config.train.jit_compile)
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
     distribute.prepare_for_fit(model, strategy)
 
     backup = None

@@ -93,12 +93,25 @@ def test_configs_are_frozen():
         ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),
         ({"optimizer": {"base_learning_rate": 0}}, r"^optimizer\.base_learning_rate"),
         ({"train": {"online_probe": "yes"}}, r"^train\.online_probe: expected true or false"),
+        ({"train": {"jit_compile": "yes"}}, r"^train\.jit_compile: expected true, false or 'auto', got 'yes'"),
+        ({"train": {"jit_compile": 1}}, r"^train\.jit_compile: expected a bool or str, got 1"),
         ({"data": []}, r"^data: expected a mapping"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):
     with pytest.raises(config.ConfigError, match=match):
         config.from_dict(raw)
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_jit_compile_takes_true_false_or_auto(value, tmp_path):
+    assert config.from_dict({}).train.jit_compile == "auto"
+    loaded = config.from_dict({"train": {"jit_compile": value}})
+    assert loaded.train.jit_compile == value
+    # It survives the YAML round trip that run directories rely on.
+    path = tmp_path / "config.yaml"
+    config.save(loaded, str(path))
+    assert config.load(str(path)).train.jit_compile == value
 
 
 def test_missing_and_malformed_files(tmp_path):

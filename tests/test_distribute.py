@@ -61,6 +61,33 @@ def test_precision_auto_is_bfloat16_on_tpu_only():
     assert distribute.precision_policy(DistributeConfig(precision="mixed_float16")) == "mixed_float16"
 
 
+@pytest.mark.parametrize(
+    "capabilities, jit_compile, expected",
+    [
+        ([], True, "float32"),  # CPU only
+        ([(9, 0)], True, "mixed_bfloat16"),  # H100 / H200 with XLA: 1.44x measured
+        ([(9, 0)], False, "float32"),  # without XLA bfloat16 measured slower (0.90x)
+        ([(8, 0), (9, 0)], True, "mixed_bfloat16"),
+        ([(7, 0), (9, 0)], True, "float32"),  # a V100 has no bfloat16 matrix units
+    ],
+)
+def test_precision_auto_on_gpus_follows_capability_and_xla(monkeypatch, capabilities, jit_compile, expected):
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: capabilities)
+    assert distribute.precision_policy(DistributeConfig(), jit_compile) == expected
+    assert distribute.precision_policy(DistributeConfig(precision="float32"), jit_compile) == "float32"
+
+
+def test_jit_compile_auto_is_xla_on_accelerators_only(monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    assert distribute.gpu_compute_capabilities() == []  # this suite runs on CPUs
+    assert distribute.resolve_jit_compile("auto", strategy) is False
+    assert distribute.resolve_jit_compile(True, strategy) is True
+    assert distribute.resolve_jit_compile(False, strategy) is False
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [(9, 0)])
+    assert distribute.resolve_jit_compile("auto", strategy) is True
+    assert distribute.resolve_jit_compile(False, strategy) is False
+
+
 def test_default_strategy_and_clear_errors_for_missing_tpu_and_bad_tf_config(monkeypatch):
     assert distribute.strategy_from_config(DistributeConfig()) is tf.distribute.get_strategy()
     with pytest.raises(ValueError, match="distribute.strategy: 'tpu' found no TPU at distribute.tpu_address=None"):
