@@ -39,7 +39,7 @@ step() {  # step TITLE COMMAND...: runs one benchmark, appending to $out, and sa
 
 # 1. Full step versus its parts: the demo net (mnist5k preset) and ResNet-18 (CIFAR preset).
 step "step small_convnet" "$py" -m benchmarks.step --encoder small_convnet --batch 128 --size 28
-step "step resnet18" "$py" -m benchmarks.step --encoder resnet18_cifar --batch 128 --size 32
+step "step resnet18" "$py" -m benchmarks.step --encoder resnet18_cifar --batch 128 --size 32 --prototype sequential_views
 
 # 2. Versus lightly (PyTorch), alternating steps, ResNet-18 CIFAR stem, 4096/256 heads; byol-tf with the
 #    preset's XLA setting and without (XLA on CPU compiles convolutions without oneDNN).
