@@ -41,7 +41,10 @@ def load(paths) -> list[dict]:
                 for field in ("benchmark", "config", "value", "unit"):
                     if field not in entry:
                         raise ValueError(f"{path}:{number}: record has no {field!r}")
-                key = (entry["benchmark"], json.dumps(entry["config"], sort_keys=True))
+                # A switch record's "default" names the library default when it ran: a label,
+                # not part of what was measured (it changed when jit_compile became 'auto').
+                config = {k: v for k, v in entry["config"].items() if k != "default"}
+                key = (entry["benchmark"], json.dumps(config, sort_keys=True))
                 latest.pop(key, None)  # re-insert: keeps file order of the latest run
                 latest[key] = entry
     return list(latest.values())

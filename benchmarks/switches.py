@@ -158,14 +158,14 @@ def local_encoder(config, image_size: int, data_format: str = "channels_last", b
 def settings(switch: str, config) -> dict:
     """{setting name: (config overrides, build kwargs)}; the first setting is the default."""
     size = config.augment.image_size
-    jit_default = "on" if config.train.jit_compile else "off"
+    jit_default = "on" if tfmodel.jit_setting(config, "config") else "off"  # 'auto' resolved for this machine
     if switch == "jit":
         other = "off" if jit_default == "on" else "on"
         return {jit_default: ((), {"jit_compile": jit_default == "on"}), other: ((), {"jit_compile": other == "on"})}
     if switch == "precision":
         return {"float32": ((), {"precision": "float32"}), "mixed_bfloat16": ((), {"precision": "mixed_bfloat16"})}
     if switch == "sync_bn":
-        current = "true" if config.network.sync_batchnorm else "false"
+        current = "true" if tfmodel.sync_batchnorm(config) else "false"  # what training builds here
         other = "false" if current == "true" else "true"
         return {current: ((f"network.sync_batchnorm={current}",), {}), other: ((f"network.sync_batchnorm={other}",), {})}
     if switch == "layout":

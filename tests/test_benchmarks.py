@@ -244,6 +244,15 @@ def test_local_encoder_matches_the_library_encoder(encoder, size):
     np.testing.assert_allclose(local(images, training=False), library(images, training=False), atol=1e-5)
 
 
+@pytest.mark.parametrize("jit_compile, default", [("auto", "off"), (True, "on"), (False, "off")])
+def test_jit_switch_starts_from_the_library_default_on_this_machine(jit_compile, default):
+    """The first setting is the speedups' baseline: 'auto' means no XLA on these CPU runners."""
+    from benchmarks import switches, tfmodel
+
+    config = tfmodel.load_config("resnet18_cifar", 4, 16, [f"train.jit_compile={str(jit_compile).lower()}"])
+    assert list(switches.settings("jit", config)) == [default, "on" if default == "off" else "off"]
+
+
 @pytest.mark.parametrize("one_replica_rule, synchronized", [(True, False), (False, True)])
 def test_benchmark_model_follows_the_one_replica_batchnorm_rule(one_replica_rule, synchronized):
     """Benchmarks time what training builds: on one replica, plain BN even if the preset asks
