@@ -212,7 +212,7 @@ class TrainConfig:
     deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
     jit_compile: XLA for the train step: true, false, or `auto` (on with a GPU or TPU, off on
     CPUs, where XLA:CPU compiles its own convolutions instead of calling oneDNN's and the
-    step is 1.4-1.7x slower; on an H200 XLA made the ResNet-50 step 3.5-5.5x faster:
+    step runs at 0.78-0.87x; on an H200 XLA made the ResNet-50 step 3.5-5.5x faster:
     benchmarks/RESULTS.md).
     """
 
