@@ -10,13 +10,16 @@
 # on a 16-core host; without XLA: $GPU_STEP_LIMIT_S, default 90 s), so the whole stays within
 # 8 minutes and a setting that hangs costs its cap, not the rest. A setting that fails or
 # runs out of time prints a line saying so; the others still run. Target (issue 6): >= 1,500
-# images/s on an H200 in the best setting.
+# images/s on an H200 in the best setting. GPU_STEP_SMOKE=1 passes --smoke (a tiny net, seconds
+# per setting: what tests/test_benchmarks.py runs on CPU).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="${1:-benchmarks/results/gpu-$(date -u +%F).jsonl}"
 python="${PYTHON:-python}"
 batch="${GPU_STEP_BATCH:-256}"
+smoke=()
+if [ -n "${GPU_STEP_SMOKE:-}" ]; then smoke=(--smoke); fi
 mkdir -p "$(dirname "$out")"
 
 "$python" -m benchmarks.common --out "$out" --note "GPU step: ResNet-50 224 px batch $batch"
@@ -27,7 +30,7 @@ for setting in "on mixed_bfloat16" "off mixed_bfloat16" "off float32" "on float3
   start=$SECONDS
   echo "== jit $jit, $precision" >&2
   timeout --kill-after=10 "$limit" "$python" -m benchmarks.step --encoder resnet50 --batch "$batch" --size 224 \
-    --no-parts --jit "$jit" --precision "$precision" --reps 20 --warmup 3 --out "$out"
+    --no-parts --jit "$jit" --precision "$precision" --reps 20 --warmup 3 --out "$out" "${smoke[@]}"
   status=$?
   if [ "$status" -ne 0 ]; then
     echo "gpu_step: jit $jit, $precision: exit status $status (124: over the ${limit} s cap)" >&2

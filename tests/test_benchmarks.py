@@ -299,6 +299,27 @@ def test_fused_batch_normalization_matches_keras_batch_normalization():
     np.testing.assert_allclose(fused(x, training=False), reference(x, training=False), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_gpu_step_script_runs_the_four_settings(tmp_path):
+    """benchmarks/gpu_step.sh in smoke mode on CPU: a machine record, then one step record
+    per XLA x precision setting, each from its own process."""
+    out = tmp_path / "gpu.jsonl"
+    environment = {**os.environ, "PYTHON": sys.executable, "GPU_STEP_SMOKE": "1"}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_step.sh", str(out)], cwd=ROOT, env=environment,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    machine, *steps = _lines(out.read_text())
+    _check_record(machine, "machine", "cores")
+    assert machine["config"]["gpus"] == []
+    for entry in steps:
+        _check_record(entry, "step", "images/s")
+        assert entry["config"]["accelerator"] == "cpu"
+    settings = [(e["config"]["jit_compile"], e["config"]["precision"]) for e in steps]
+    assert settings == [(True, "mixed_bfloat16"), (False, "mixed_bfloat16"), (False, "float32"), (True, "float32")]
+
+
 # ------------------------------------------------------------------------ the peer
 
 
