@@ -210,10 +210,10 @@ class TrainConfig:
     checkpoint_every_steps: also back up every N steps (0: only at the end of each epoch).
     keep_checkpoints: backups kept in RUN_DIR/backup; 0 turns backup and resume off.
     deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
-    jit_compile: XLA for the train step: true, false, or `auto` (on with a GPU or TPU, off on
-    CPUs, where XLA:CPU compiles its own convolutions instead of calling oneDNN's and the
-    step runs at 0.78-0.87x; on an H200 XLA made the ResNet-50 step 3.5-5.5x faster:
-    benchmarks/RESULTS.md).
+    jit_compile: XLA for the train step: true, false, or `auto`: on with a TPU or one GPU (on
+    an H200 XLA made the ResNet-50 step 3.5-5.5x faster), off on CPUs (XLA:CPU compiles its own
+    convolutions instead of calling oneDNN's: 0.78-0.87x), with several GPU replicas and with
+    `deterministic` (benchmarks/RESULTS.md, `distribute.resolve_jit_compile`).
     """
 
     epochs: int = 100

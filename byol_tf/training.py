@@ -172,7 +172,7 @@ def train(
     steps = steps_per_epoch(config, num_examples or 0)
     total_steps = config.train.epochs * steps
 
-    jit_compile = distribute.resolve_jit_compile(config.train.jit_compile, strategy)
+    jit_compile = distribute.resolve_jit_compile(config.train.jit_compile, strategy, config.train.deterministic)
     policy = distribute.precision_policy(config.distribute, jit_compile)
     logging.info("train: jit_compile %s, precision policy %s", jit_compile, policy)
     with strategy.scope(), distribute.dtype_policy(policy):

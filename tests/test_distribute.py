@@ -86,6 +86,10 @@ def test_jit_compile_auto_is_xla_on_accelerators_only(monkeypatch):
     monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [(9, 0)])
     assert distribute.resolve_jit_compile("auto", strategy) is True
     assert distribute.resolve_jit_compile(False, strategy) is False
+    # Not with deterministic ops, nor over several GPU replicas (unless asked for).
+    assert distribute.resolve_jit_compile("auto", strategy, deterministic=True) is False
+    assert distribute.resolve_jit_compile("auto", _Replicas(2)) is False
+    assert distribute.resolve_jit_compile(True, _Replicas(2)) is True
 
 
 def test_default_strategy_and_clear_errors_for_missing_tpu_and_bad_tf_config(monkeypatch):
