@@ -185,6 +185,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, reps: int | None = 10,
     )
 
 
+def add_peer_arguments(parser: argparse.ArgumentParser, encoders, heads_help: str):
+    """The BYOL setting both sides of the PyTorch comparison take (`peer.py` forwards them)."""
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=encoders)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument(
+        "--heads", type=int, nargs=3, default=None, metavar=("PROJ_HIDDEN", "PROJ_DIM", "PRED_HIDDEN"),
+        help=f"head widths (default: {heads_help})",
+    )
+    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+
+
 def quiet_tensorflow():
     """Environment for TensorFlow benchmark processes; call before importing TensorFlow.
 

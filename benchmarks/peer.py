@@ -183,19 +183,11 @@ def drive(args) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=("resnet18_cifar", "small_convnet"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument(
-        "--heads", type=int, nargs=3, default=None, metavar=("PROJ_HIDDEN", "PROJ_DIM", "PRED_HIDDEN"),
-        help="head widths (default: the encoder's preset)",
-    )
-    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    common.add_peer_arguments(parser, ("resnet18_cifar", "small_convnet"), "the encoder's preset")
     parser.add_argument("--jit", choices=("config", "on", "off"), nargs="+", default=["config"],
                         help="byol-tf jit_compile; several values start one byol-tf worker each (one lightly)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="byol-tf config override (repeatable)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--steps-per-turn", type=int, default=1)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds idle between turns")
     parser.add_argument("--torch-python", default=TORCH_PYTHON)

@@ -149,15 +149,7 @@ def _version(package: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_lightly", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(HEADS))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument(
-        "--heads", type=int, nargs=3, default=None, metavar=("PROJ_HIDDEN", "PROJ_DIM", "PRED_HIDDEN"),
-        help="head widths (default: the encoder's byol-tf preset)",
-    )
-    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    common.add_peer_arguments(parser, sorted(HEADS), "the encoder's byol-tf preset")
     parser.add_argument("--serve", action="store_true", help="be a worker for benchmarks.peer")
     common.add_common_arguments(parser)
     return parser

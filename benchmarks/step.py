@@ -56,8 +56,7 @@ def part_functions(model, batch: dict, jit_compile: bool) -> dict:
     @tf.function(**compile_options)
     def online_forward_backward(view, target_projection):
         with tf.GradientTape() as tape:
-            projection = model.online_projector(model.online_encoder(view, training=True), training=True)
-            prediction = model.predictor(projection, training=True)
+            _, _, prediction = model.online_forward(view)
             loss = tf.reduce_sum(losses.regression_loss(prediction, target_projection)) / size
         return tape.gradient(loss, variables)
 
@@ -112,9 +111,7 @@ class SequentialViewsBYOL(byol.BYOLModel):
         view1, view2 = data["view1"], data["view2"]
         target_z1, target_z2 = self.target_projection(view1), self.target_projection(view2)
         with tf.GradientTape() as tape:
-            representation1 = self.online_encoder(view1, training=True)
-            online_z1 = self.online_projector(representation1, training=True)
-            prediction1 = self.predictor(online_z1, training=True)
+            representation1, online_z1, prediction1 = self.online_forward(view1)
             loss1 = tf.reduce_sum(losses.regression_loss(prediction1, target_z2))
             total = loss1 / global_batch
             if self.probe is not None:
@@ -125,8 +122,7 @@ class SequentialViewsBYOL(byol.BYOLModel):
         with tf.control_dependencies([gradient for gradient in first if gradient is not None]):
             view2 = tf.identity(view2)
         with tf.GradientTape() as tape:
-            online_z2 = self.online_projector(self.online_encoder(view2, training=True), training=True)
-            prediction2 = self.predictor(online_z2, training=True)
+            _, _, prediction2 = self.online_forward(view2)
             loss2 = tf.reduce_sum(losses.regression_loss(prediction2, target_z1))
             scaled = self.optimizer.scale_loss(loss2 / global_batch)
         second = tape.gradient(scaled, trainable)

@@ -269,6 +269,12 @@ class BYOLModel(keras.Model):
         """Target network output for a view: no gradient; BN in training mode as in the reference."""
         return tf.stop_gradient(self.target_projector(self.target_encoder(view, training=True), training=True))
 
+    def online_forward(self, view):
+        """Online network on a view (training mode): (representation, projection, prediction)."""
+        representation = self.online_encoder(view, training=True)
+        projection = self.online_projector(representation, training=True)
+        return representation, projection, self.predictor(projection, training=True)
+
     def _gradients(self, data, global_batch, trainable):
         """Gradients of one (micro-)batch's share of the loss, and its summed metric terms.
 
@@ -278,11 +284,8 @@ class BYOLModel(keras.Model):
         target_z1, target_z2 = self.target_projection(view1), self.target_projection(view2)
 
         with tf.GradientTape() as tape:
-            representation1 = self.online_encoder(view1, training=True)
-            online_z1 = self.online_projector(representation1, training=True)
-            online_z2 = self.online_projector(self.online_encoder(view2, training=True), training=True)
-            prediction1 = self.predictor(online_z1, training=True)
-            prediction2 = self.predictor(online_z2, training=True)
+            representation1, online_z1, prediction1 = self.online_forward(view1)
+            _, _, prediction2 = self.online_forward(view2)
             per_example = losses.symmetric_loss(prediction1, prediction2, target_z1, target_z2)
             byol_loss_sum = tf.reduce_sum(per_example)
             total = byol_loss_sum / global_batch
