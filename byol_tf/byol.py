@@ -22,24 +22,58 @@ def _cross_replica_sum(values):
 
 
 def _projection_moments(projections):
-    """Sums over the batch that give the collapse std once added over micro-batches and replicas."""
+    """Count, mean and sum of squared deviations (over the batch) of L2-normalised projections.
+
+    Deviations from the part's own mean, not raw sums of squares: a nearly collapsed batch has
+    a std hundreds of times below its mean, and E[z^2] - E[z]^2 would cancel away float32's
+    digits. Parts (micro-batches, replicas) combine exactly with `_combine_moments`.
+    """
     z = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1, epsilon=1e-12)
+    mean = tf.reduce_mean(z, axis=0)
     return {
-        "sum": tf.reduce_sum(z, axis=0),
-        "sum_sq": tf.reduce_sum(tf.square(z), axis=0),
         "count": tf.cast(tf.shape(z)[0], tf.float32),
+        "mean": mean,
+        "m2": tf.reduce_sum(tf.square(z - mean), axis=0),
     }
 
 
+def _combine_moments(a, b):
+    """Moments of the union of two disjoint parts (Chan, Golub and LeVeque's pairwise update)."""
+    if a is None:
+        return b
+    count = a["count"] + b["count"]
+    delta = b["mean"] - a["mean"]
+    share = b["count"] / count
+    return {
+        "count": count,
+        "mean": a["mean"] + delta * share,
+        "m2": a["m2"] + b["m2"] + tf.square(delta) * a["count"] * share,
+    }
+
+
+def _cross_replica_moments(moments):
+    """Moments over the GLOBAL batch: global mean first, then deviations summed around it."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return moments
+    totals = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, {"count": moments["count"], "sum": moments["mean"] * moments["count"]}
+    )
+    mean = totals["sum"] / totals["count"]
+    m2 = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, moments["m2"] + moments["count"] * tf.square(moments["mean"] - mean)
+    )
+    return {"count": totals["count"], "mean": mean, "m2": m2}
+
+
 def _collapse_std_from_moments(moments):
-    mean = moments["sum"] / moments["count"]
-    variance = tf.maximum(moments["sum_sq"] / moments["count"] - tf.square(mean), 0.0)
-    return tf.reduce_mean(tf.sqrt(variance))
+    """`losses.collapse_std` (population std over the batch, mean over dimensions)."""
+    return tf.reduce_mean(tf.sqrt(moments["m2"] / moments["count"]))
 
 
 def _global_collapse_std(projections):
-    """`losses.collapse_std` over the GLOBAL batch, from moments summed across replicas."""
-    return _collapse_std_from_moments(_cross_replica_sum(_projection_moments(projections)))
+    """`losses.collapse_std` over the GLOBAL batch, from moments combined across replicas."""
+    return _collapse_std_from_moments(_cross_replica_moments(_projection_moments(projections)))
 
 
 def _num_replicas() -> int:
@@ -231,7 +265,7 @@ class BYOLModel(keras.Model):
 
         accumulate = self.gradient_accumulation_steps
         statistics = _BatchNormStatistics(self.batch_norm_statistics) if accumulate > 1 else None
-        gradients, sums = None, None
+        gradients, sums, moments = None, None, None
         for micro_batch in _split_micro_batches(data, accumulate):
             if gradients is not None:
                 # One micro-batch at a time, so only one holds activations in memory.
@@ -239,10 +273,11 @@ class BYOLModel(keras.Model):
                     micro_batch = tf.nest.map_structure(tf.identity, micro_batch)
             if statistics:
                 statistics.begin_micro_batch()
-            micro_gradients, micro_sums = self._gradients(micro_batch, global_batch, trainable)
+            micro_gradients, micro_sums, micro_moments = self._gradients(micro_batch, global_batch, trainable)
             if statistics:
                 statistics.end_micro_batch()
             gradients, sums = _add(gradients, micro_gradients), _add(sums, micro_sums)
+            moments = _combine_moments(moments, micro_moments)
         if statistics:
             statistics.finish(accumulate)
 
@@ -255,7 +290,7 @@ class BYOLModel(keras.Model):
 
         sums = _cross_replica_sum(sums)
         self.loss_tracker.update_state(sums["loss"] / global_batch)
-        self.collapse_tracker.update_state(_collapse_std_from_moments(sums["moments"]))
+        self.collapse_tracker.update_state(_collapse_std_from_moments(_cross_replica_moments(moments)))
         if self.probe is not None:
             count = tf.maximum(sums["probe"]["count"], 1.0)
             self.probe_loss_tracker.update_state(sums["probe"]["loss"] / count)
@@ -276,7 +311,8 @@ class BYOLModel(keras.Model):
         return representation, projection, self.predictor(projection, training=True)
 
     def _gradients(self, data, global_batch, trainable):
-        """Gradients of one (micro-)batch's share of the loss, and its summed metric terms.
+        """Gradients of one (micro-)batch's share of the loss, its summed metric terms, and the
+        moments of its online projections (for the collapse metric).
 
         Everything after the networks runs in float32, whatever the dtype policy.
         """
@@ -296,10 +332,10 @@ class BYOLModel(keras.Model):
             scaled = self.optimizer.scale_loss(total)
 
         gradients = tape.gradient(scaled, trainable)
-        sums = {"loss": byol_loss_sum, "moments": _projection_moments(online_z1)}
+        sums = {"loss": byol_loss_sum}
         if self.probe is not None:
             sums["probe"] = {"loss": probe_loss_sum, "correct": probe_correct, "count": labelled}
-        return gradients, sums
+        return gradients, sums, _projection_moments(online_z1)
 
     def _probe_terms(self, representation, labels):
         """Summed cross-entropy and correct count of the probe over labelled examples."""
