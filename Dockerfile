@@ -2,14 +2,15 @@
 #
 #   IMAGE=REGION-docker.pkg.dev/PROJECT/REPOSITORY/byol-tf:0.1.0
 #   docker build -t $IMAGE . && docker push $IMAGE
-#   byol-tf pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \
+#   byol-tf-pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \
 #       --image $IMAGE --pipeline-root gs://BUCKET/byol-tf
 #
 # Base: the TFX 1.21 image (Python, the KFP v2 executor launcher that each step runs as
 # `python -m tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor`). Over it,
 # the project's own lock is installed with --no-deps, so the steps run exactly the
 # versions tested here (ml-metadata 1.17.1 and tensorflow-data-validation 1.16.1 swapped
-# in for TFX's own pins, see DESIGN.md), then this package (byol_tf, components, pipeline).
+# in for TFX's own pins, see docs/DESIGN.md), then this package (byol_tf, and components/ and
+# pipeline/ installed as byol_tfx.components and byol_tfx.pipeline).
 ARG TFX_IMAGE=gcr.io/tfx-oss-public/tfx:1.21.0
 FROM ${TFX_IMAGE}
 
@@ -29,7 +30,7 @@ COPY components/ components/
 COPY pipeline/ pipeline/
 COPY configs/ configs/
 RUN python -m pip install --no-cache-dir --no-deps . \
- && python -m compileall -q byol_tf components pipeline
+ && python -m compileall -q "$(python -c 'import byol_tf, os; print(os.path.dirname(os.path.dirname(byol_tf.__file__)))')"/byol_tf*
 
 # Importing tfx.v1 sets TF_USE_LEGACY_KERAS=1 for child processes unless it is set: this
 # project is Keras 3 everywhere, Beam workers included.
@@ -37,5 +38,6 @@ ENV TF_USE_LEGACY_KERAS=0 \
     TF_CPP_MIN_LOG_LEVEL=2
 
 # Smoke check at build time: the step entry points import.
-RUN python -c "import components.trainer_module, components.linear_eval, components.example_gen, \
-components.validation, pipeline.pipeline; print('byol-tf image OK')"
+RUN python -c "import byol_tfx.components.trainer_module, byol_tfx.components.linear_eval, \
+byol_tfx.components.example_gen, byol_tfx.components.validation, byol_tfx.pipeline.pipeline; \
+print('byol-tf image OK')"

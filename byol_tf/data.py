@@ -514,6 +514,85 @@ def load_arrays(cfg: DataConfig, split: str, image_size: int | None = None) -> t
     return np.stack(images), np.array(labels, np.int64)
 
 
+def balanced_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of up to `count` labelled items (label >= 0), spread as evenly over classes as
+    the data allows: a seeded shuffle within each class, then classes taken in turn.
+
+    Returns:
+        Sorted int64 indices.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.zeros(len(labels), np.int64)
+    for label in np.unique(labels[labels >= 0]):
+        members = order[labels[order] == label]
+        rank[members] = np.arange(len(members))
+    candidates = np.flatnonzero(labels >= 0)
+    # Every class's first pick, then every class's second, ...: round robin over classes.
+    chosen = candidates[np.lexsort((labels[candidates], rank[candidates]))][:count]
+    return np.sort(chosen).astype(np.int64)
+
+
+def load_balanced_subset(
+    cfg: DataConfig, split: str, count: int, seed: int, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A class-balanced subset of `count` labelled images of a split, in memory (monitors).
+
+    Sources whose labels are known without reading images (the embedded datasets, folders)
+    pick with `balanced_indices`. Streams (TFDS, TFRecords) keep an image while its class has
+    fewer than `ceil(count / classes)`, in the stream's fixed order, and stop once `count`
+    are kept: cheap on a shuffled stream; one pass over the labels on a stream sorted by class.
+
+    Returns:
+        (images uint8 [N, S, S, 3] centre-cropped to `image_size`, labels int64 [N]), N <= count.
+    """
+    _check_split(split)
+    examples = load_split(cfg, split)
+    known = _indexable(cfg) if cfg.eval_split is None else None
+    if known is not None or (cfg.source == "folder" and cfg.eval_split is not None):
+        if known is not None:
+            labels = known[1][_holdout_indices(cfg, len(known[1]), split)]
+        else:
+            labels = _folder_split_files(cfg, split)[1]
+        keep = np.zeros(len(labels), bool)
+        keep[balanced_indices(labels, count, seed)] = True
+        mask = tf.constant(keep)
+        examples = examples.enumerate().filter(lambda index, example: tf.gather(mask, index))
+        examples = examples.map(lambda index, example: example)
+    else:
+        classes = num_classes(cfg)
+        if classes is None:
+            # Labels only: the image decoding is pruned from this pass.
+            labels = examples.map(lambda example: example["label"], num_parallel_calls=tf.data.AUTOTUNE)
+            classes = int(labels.reduce(np.int64(-1), tf.maximum)) + 1
+        if classes <= 0:
+            return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0,), np.int64)
+        quota = -(-count // classes)
+
+        def admit(counts, example):
+            label = example["label"]
+            valid = (label >= 0) & (label < classes)
+            index = tf.clip_by_value(label, 0, classes - 1)
+            keep = valid & (tf.gather(counts, index) < quota)
+            counts = tf.tensor_scatter_nd_add(counts, [[index]], [tf.cast(keep, tf.int64)])
+            return counts, (keep, example)
+
+        examples = examples.scan(tf.zeros([classes], tf.int64), admit)
+        examples = examples.filter(lambda keep, example: keep).map(lambda keep, example: example)
+    examples = examples.filter(lambda example: example["label"] >= 0).take(count)
+    examples = examples.map(
+        lambda example: (_resize_uint8(example["image"], image_size), example["label"]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    images, labels = [], []
+    for image, label in examples.as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0,), np.int64)
+    return np.stack(images), np.array(labels, np.int64)
+
+
 def _resize_uint8(images, size: int):
     """`center_crop_resize` rounded back to uint8 (numpy in, numpy out; tensor in, tensor out)."""
     resized = tf.cast(tf.round(augment.center_crop_resize(images, size) * 255.0), tf.uint8)

@@ -9,17 +9,20 @@ config is GLOBAL: each of the strategy's replicas computes `batch / replicas` ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 from typing import Callable
 
 import keras
 import tensorflow as tf
-from absl import logging
 
-from byol_tf.config import DistributeConfig
+from byol_tf.config import Config, DistributeConfig
 
 DatasetFn = Callable[[tf.distribute.InputContext | None], tf.data.Dataset]
+
+logger = logging.getLogger(__name__)
 
 
 def configure_logical_cpus(count: int):
@@ -82,7 +85,7 @@ def strategy_from_config(config: DistributeConfig) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy()
     if config.strategy == "multi_worker":
         if cluster_spec_from_env() is None:
-            logging.warning("distribute.strategy='multi_worker' without TF_CONFIG: training on this host only")
+            logger.warning("distribute.strategy='multi_worker' without TF_CONFIG: training on this host only")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if config.strategy == "tpu":
         try:
@@ -256,7 +259,7 @@ def distribute_input(
 
     global_batches = dataset(None) if callable(dataset) else dataset
     if scale_out and config.dataset_sharding == "per_worker":
-        logging.warning(
+        logger.warning(
             "distribute.dataset_sharding='per_worker' needs a dataset function; a dataset was "
             "given, so every worker builds the global batches and keeps its slice"
         )
@@ -327,3 +330,63 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
     return is_chief, task_id
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What training needs from `tf.distribute`, decided once per run.
+
+    Attributes:
+        strategy: the `tf.distribute` strategy.
+        config: the `distribute` section it came from.
+        is_chief: this process writes shared outputs (run folder, backups, logs).
+        task_id: this worker's index.
+        jit_compile: `train.jit_compile` resolved for the hardware.
+        policy: the Keras dtype policy name (`distribute.precision` resolved).
+    """
+
+    strategy: tf.distribute.Strategy
+    config: DistributeConfig
+    is_chief: bool
+    task_id: int
+    jit_compile: bool
+    policy: str
+
+    @classmethod
+    def from_config(cls, config: Config, strategy: tf.distribute.Strategy | None = None) -> "Runtime":
+        """The runtime of an experiment; `strategy` replaces the one `config.distribute` names."""
+        strategy = strategy or strategy_from_config(config.distribute)
+        is_chief, task_id = worker_role(strategy)
+        jit_compile = resolve_jit_compile(config.train.jit_compile, strategy, config.train.deterministic)
+        return cls(
+            strategy=strategy,
+            config=config.distribute,
+            is_chief=is_chief,
+            task_id=task_id,
+            jit_compile=jit_compile,
+            policy=precision_policy(config.distribute, jit_compile),
+        )
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Build models and optimizers inside: the strategy's scope under the dtype policy."""
+        with self.strategy.scope(), dtype_policy(self.policy):
+            yield
+
+    def wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        return wrap_optimizer(optimizer, self.policy)
+
+    def prepare(self, model: keras.Model) -> None:
+        """`prepare_for_fit` under this strategy."""
+        prepare_for_fit(model, self.strategy)
+
+    def input(self, dataset: tf.data.Dataset | DatasetFn, start_step: int = 0, global_batch: int | None = None):
+        """`distribute_input` under this strategy."""
+        return distribute_input(self.strategy, self.config, dataset, start_step, global_batch=global_batch)

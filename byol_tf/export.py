@@ -17,21 +17,18 @@ Signatures (outputs are float32 dicts {"embedding": L2-normalised [B, d],
     embed_images(images: float32 [B, S, S, 3] in [0, 1])  already preprocessed images.
 
 The folder is written under a temporary name beside `export_dir` and renamed at the end,
-so a crash never leaves a half-written export where a server would look.
+so a crash never leaves a half-written export where a server would look. Every path goes
+through `byol_tf.fileio` (`tf.io.gfile`): exports go to gs:// as well.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import keras
 import tensorflow as tf
 
-from byol_tf import augment
+from byol_tf import augment, fileio
 from byol_tf import config as config_lib
 
 ENCODER_FILE = "encoder.keras"
@@ -115,25 +112,24 @@ def export_encoder(
 
     Args:
         encoder: float32 [B, S, S, 3] images in [0, 1] -> [B, d].
-        export_dir: destination folder (created; must not exist unless `overwrite`).
+        export_dir: destination folder, local or any `tf.io.gfile` path (created; must not
+            exist unless `overwrite`).
         image_size: S, the side the serving signature resizes images to.
         config: written as config.yaml beside the model.
         metrics: JSON-serialisable evaluation results, written as metrics.json.
         overwrite: replace an existing `export_dir`.
 
     Returns:
-        `export_dir`.
+        `export_dir` (absolute when local).
 
     Raises:
         ValueError: `export_dir` exists and `overwrite` is False.
     """
-    export_dir = os.path.abspath(export_dir)
-    if os.path.exists(export_dir) and not overwrite:
+    export_dir = fileio.absolute(export_dir)
+    if fileio.exists(export_dir) and not overwrite:
         raise ValueError(f"export folder {export_dir!r} already exists (overwrite it with --overwrite)")
-    parent = os.path.dirname(export_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Same parent folder, so the final rename is atomic on one filesystem.
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.tmp-", dir=parent)
+    # A sibling folder, renamed into place at the end (atomic on a local file system).
+    staging = fileio.staging_dir(export_dir)
     try:
         module = EncoderModule(encoder, image_size)
         tf.saved_model.save(
@@ -144,33 +140,16 @@ def export_encoder(
                 EMBED_IMAGES_SIGNATURE: module.embed_images,
             },
         )
-        encoder.save(os.path.join(staging, ENCODER_FILE))
+        encoder.save(fileio.join(staging, ENCODER_FILE))
         if config is not None:
-            config_lib.save(config, os.path.join(staging, CONFIG_FILE))
+            config_lib.save(config, fileio.join(staging, CONFIG_FILE))
         if metrics is not None:
-            with open(os.path.join(staging, METRICS_FILE), "w", encoding="utf-8") as stream:
-                json.dump(metrics, stream, indent=2, sort_keys=True)
-        _replace(staging, export_dir)
+            fileio.write_json(fileio.join(staging, METRICS_FILE), metrics)
+        fileio.replace_dir(staging, export_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        fileio.rmtree(staging)
         raise
     return export_dir
-
-
-def _replace(source: str, destination: str):
-    """Renames `source` to `destination`; an existing destination is swapped out first."""
-    if not os.path.exists(destination):
-        os.rename(source, destination)
-        return
-    # os.rename cannot replace a non-empty folder: move the old one aside, then drop it.
-    old = destination + ".old-" + os.path.basename(source)
-    os.rename(destination, old)
-    try:
-        os.rename(source, destination)
-    except BaseException:
-        os.rename(old, destination)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_run(run_dir: str) -> tuple[keras.Model, config_lib.Config, dict | None]:
@@ -180,23 +159,23 @@ def load_run(run_dir: str) -> tuple[keras.Model, config_lib.Config, dict | None]
         run_dir: folder with config.yaml, encoder.keras and optionally evaluation.json.
 
     Returns:
-        (encoder, config, metrics or None).
+        (encoder, config, metrics): metrics is {"evaluation": the report} when the run was
+        evaluated, else None.
 
     Raises:
         ValueError: a file is missing.
     """
-    encoder_path = os.path.join(run_dir, ENCODER_FILE)
-    config_path = os.path.join(run_dir, CONFIG_FILE)
+    encoder_path = fileio.join(run_dir, ENCODER_FILE)
+    config_path = fileio.join(run_dir, CONFIG_FILE)
     for path in (config_path, encoder_path):
-        if not os.path.isfile(path):
-            raise ValueError(f"run folder {run_dir!r} has no {os.path.basename(path)} (is it a byol-tf run?)")
+        if not fileio.isfile(path):
+            raise ValueError(f"run folder {run_dir!r} has no {fileio.basename(path)} (is it a byol-tf run?)")
     config = config_lib.load(config_path)
     encoder = keras.models.load_model(encoder_path, compile=False)
     metrics = None
-    metrics_path = os.path.join(run_dir, EVALUATION_FILE)
-    if os.path.isfile(metrics_path):
-        with open(metrics_path, encoding="utf-8") as stream:
-            metrics = json.load(stream)
+    metrics_path = fileio.join(run_dir, EVALUATION_FILE)
+    if fileio.isfile(metrics_path):
+        metrics = {"evaluation": fileio.read_json(metrics_path)}
     return encoder, config, metrics
 
 
@@ -209,7 +188,7 @@ def export_run(run_dir: str, export_dir: str, *, overwrite: bool = False) -> str
         overwrite: replace an existing `export_dir`.
 
     Returns:
-        `export_dir` (absolute).
+        `export_dir` (absolute when local).
     """
     encoder, config, metrics = load_run(run_dir)
     return export_encoder(

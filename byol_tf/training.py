@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import logging
 from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
-from absl import logging
 
-from byol_tf import byol, callbacks as byol_callbacks, config as config_lib, data, networks, schedules
+from byol_tf import byol, checkpointing, fileio, monitoring, networks, schedules
+from byol_tf import config as config_lib
+from byol_tf import data
 from byol_tf.optimizers import LARS
+
+logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.keras"
 CONFIG_FILE = "config.yaml"
@@ -35,6 +38,7 @@ class TrainResult:
     history: dict
     run_dir: str
     steps_per_epoch: int
+    is_chief: bool = True
 
     @property
     def encoder(self) -> keras.Model:
@@ -42,7 +46,7 @@ class TrainResult:
 
     @property
     def encoder_path(self) -> str:
-        return os.path.join(self.run_dir, ENCODER_FILE)
+        return fileio.join(self.run_dir, ENCODER_FILE)
 
 
 def global_batch_size(config: config_lib.Config, strategy: tf.distribute.Strategy) -> int:
@@ -145,23 +149,22 @@ def train(
         The trained model, the fit history, the run folder and the steps per epoch.
 
     Raises:
-        byol_tf.callbacks.NonFiniteTrainingError: the loss or the weights became NaN / Inf;
+        byol_tf.checkpointing.NonFiniteTrainingError: the loss or the weights became NaN / Inf;
             the last good backup is kept.
     """
     # Imported here: distribute must set logical devices before TF touches them.
     from byol_tf import distribute
 
-    strategy = strategy or distribute.strategy_from_config(config.distribute)
-    is_chief, task_id = distribute.worker_role(strategy)
+    runtime = distribute.Runtime.from_config(config, strategy)
     run_dir = run_dir or config.train.run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    if is_chief:
-        config_lib.save(config, os.path.join(run_dir, CONFIG_FILE))
+    fileio.makedirs(run_dir)
+    if runtime.is_chief:
+        config_lib.save(config, fileio.join(run_dir, CONFIG_FILE))
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.train.seed)
 
-    batch = global_batch_size(config, strategy)
+    batch = global_batch_size(config, runtime.strategy)
     if dataset is None:
         dataset = functools.partial(_config_dataset, config, batch)
         num_examples = data.num_examples(config.data, "train")
@@ -172,55 +175,58 @@ def train(
     steps = steps_per_epoch(config, num_examples or 0)
     total_steps = config.train.epochs * steps
 
-    jit_compile = distribute.resolve_jit_compile(config.train.jit_compile, strategy, config.train.deterministic)
-    policy = distribute.precision_policy(config.distribute, jit_compile)
-    logging.info("train: jit_compile %s, precision policy %s", jit_compile, policy)
-    with strategy.scope(), distribute.dtype_policy(policy):
-        model = build_model(model_config(config, strategy), total_steps, num_classes)
-        optimizer = distribute.wrap_optimizer(build_optimizer(config, steps), policy)
-        model.compile(optimizer=optimizer, jit_compile=jit_compile)
-    distribute.prepare_for_fit(model, strategy)
+    logger.debug("train: jit_compile %s, precision policy %s", runtime.jit_compile, runtime.policy)
+    with runtime.scope():
+        model = build_model(model_config(config, runtime.strategy), total_steps, num_classes)
+        optimizer = runtime.wrap_optimizer(build_optimizer(config, steps))
+        model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
+    runtime.prepare(model)
 
     backup = None
     if config.train.keep_checkpoints:
-        backup = byol_callbacks.TrainingBackup(
-            backup_dir or os.path.join(run_dir, BACKUP_DIR),
+        backup = checkpointing.TrainingBackup(
+            backup_dir or fileio.join(run_dir, BACKUP_DIR),
             model,
             steps,
             every_steps=config.train.checkpoint_every_steps,
             keep=config.train.keep_checkpoints,
-            is_chief=is_chief,
-            task_id=task_id,
+            is_chief=runtime.is_chief,
+            task_id=runtime.task_id,
         )
     start = backup.restore() if backup else 0
-    if start and not callable(dataset):
-        logging.warning(
-            "resuming with a dataset object: its batches match the interrupted run only if its "
-            "order does not depend on how often it was iterated; pass a function for exact resumes"
-        )
+    if start:
+        logger.info("resumed from backup at step %d of %d (%s)", start, total_steps, backup.last_saved)
+        if not callable(dataset):
+            logger.warning(
+                "resuming with a dataset object: its batches match the interrupted run only if its "
+                "order does not depend on how often it was iterated; pass a function for exact resumes"
+            )
 
     callbacks = []
-    if is_chief:  # the other workers would write the same logs
+    if runtime.is_chief:  # the other workers would write the same logs
         preview = dataset(None) if callable(dataset) else dataset
+        log_dir = fileio.join(run_dir, "logs")
         callbacks += [
-            keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs"), update_freq="epoch"),
-            byol_callbacks.ViewGridLogger(preview, os.path.join(run_dir, "logs"), config.train.log_images),
+            keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
+            monitoring.ViewGridLogger(preview, log_dir, config.train.log_images),
         ]
     callbacks += [
-        byol_callbacks.CollapseGuard(),
+        monitoring.CollapseGuard(),
         *extra_callbacks,
         # Last, guard then backup: a non-finite step stops training before it is backed up.
-        byol_callbacks.TerminateOnNonFiniteLoss(steps, backup),
+        checkpointing.TerminateOnNonFiniteLoss(steps, backup),
         *([backup] if backup else []),
     ]
     if config.evaluation.knn_every_epochs > 0:  # first: TensorBoard logs the knn_accuracy it adds
-        callbacks.insert(0, byol_callbacks.KNNMonitor.from_config(config))
-    history = _fit(model, strategy, config, dataset, start, steps, callbacks)
-    if is_chief:
-        model.encoder.save(os.path.join(run_dir, ENCODER_FILE))
+        callbacks.insert(0, monitoring.KNNMonitor.from_config(config))
+    history = _fit(model, runtime, config, dataset, start, steps, callbacks)
+    if runtime.is_chief:
+        model.encoder.save(fileio.join(run_dir, ENCODER_FILE))
     if backup:
         backup.delete()
-    return TrainResult(model=model, history=history, run_dir=run_dir, steps_per_epoch=steps)
+    return TrainResult(
+        model=model, history=history, run_dir=run_dir, steps_per_epoch=steps, is_chief=runtime.is_chief
+    )
 
 
 def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) -> config_lib.Config:
@@ -238,21 +244,17 @@ def _config_dataset(config: config_lib.Config, batch: int, input_context: tf.dis
     return data.make_pretraining_dataset(config, split="train", batch_size=batch, input_context=input_context)
 
 
-def _fit(model, strategy, config, dataset, start: int, steps: int, callbacks) -> dict:
+def _fit(model, runtime, config, dataset, start: int, steps: int, callbacks) -> dict:
     """`model.fit` from global step `start`: the rest of a started epoch, then whole epochs.
 
     Keras resumes at epoch granularity only, so a backup taken inside an epoch is resumed
     with one short `fit` that finishes that epoch, then one for the remaining epochs.
     """
-    from byol_tf import distribute
-
     epochs = config.train.epochs
     epoch, done = divmod(start, steps)
     history = {}
     while epoch < epochs:
-        inputs = distribute.distribute_input(
-            strategy, config.distribute, dataset, epoch * steps + done, global_batch=config.data.batch_size
-        )
+        inputs = runtime.input(dataset, epoch * steps + done, global_batch=config.data.batch_size)
         last = epoch + 1 if done else epochs
         logs = model.fit(
             inputs,

@@ -1,6 +1,6 @@
 """ImageExampleGen: the pipeline's ingestion component, and the ImportExampleGen path.
 
-A thin TFX adapter over `components.ingestion.ingest`; all decisions about records live
+A thin TFX adapter over `byol_tfx.components.ingestion.ingest`; all decisions about records live
 there. The component reads the embedded dataset (mnist5k), scikit-learn digits, a TFDS
 name, a folder of class sub-folders or TFRecords of tf.Examples, checks every record,
 and writes a standard `Examples` artifact that StatisticsGen, ExampleValidator and the
@@ -8,8 +8,8 @@ Trainer read like any ExampleGen's output.
 
 | component | inputs | outputs | parameters |
 | --- | --- | --- | --- |
-| `ImageExampleGen` (`components.example_gen`) | none | `examples` (Examples: splits `train`, `eval`; GZIP TFRecords of tf.Example {image: PNG bytes, label, height, width: int64}), `report` (`byol_tf.IngestionReport`: `ingestion_report.json`, counts per category and split) | `source` (mnist5k, digits, tfds, folder, tfrecord), `name`, `path`, `tfds_data_dir`, `train_split`, `eval_split`, `holdout_examples`, `num_classes`, `max_examples`, `seed`, `image_size` (0 keeps sizes), `max_bad_fraction` (0.01), `num_shards` (1), `source_fingerprint` (cache key only) |
-| `ImportExampleGen` (TFX; `components.example_gen.import_example_gen`) | none | `examples` (Examples: splits `train`, `eval`, the user's own files) | `train_pattern`, `eval_pattern` (globs relative to `input_base`), `input_base` |
+| `ImageExampleGen` (`byol_tfx.components.example_gen`) | none | `examples` (Examples: splits `train`, `eval`; GZIP TFRecords of tf.Example {image: PNG bytes, label, height, width: int64}), `report` (`byol_tf.IngestionReport`: `ingestion_report.json`, counts per category and split) | `config` (the experiment's canonical JSON: its `data` section and `augment.image_size`), `max_bad_fraction` (0.01), `num_shards` (1), `source_fingerprint` (cache key only) |
+| `ImportExampleGen` (TFX; `byol_tfx.components.example_gen.import_example_gen`) | none | `examples` (Examples: splits `train`, `eval`, the user's own files) | `train_pattern`, `eval_pattern` (globs relative to `input_base`), `input_base` |
 
 Users who already have TFRecords of tf.Examples with `image` bytes and `label` int64
 (byol_tf.data's `tfrecord` contract) have two paths:
@@ -28,7 +28,7 @@ from tfx.components.example_gen import utils as example_gen_utils
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, standard_artifacts
 
-from components import ingestion
+from byol_tfx.components import ingestion
 
 
 class IngestionReport(tfx.dsl.Artifact):
@@ -45,17 +45,7 @@ REPORT_FILE = ingestion.REPORT_FILE
 def ImageExampleGen(  # noqa: N802 -- TFX names a component after its function
     examples: tfx.dsl.components.OutputArtifact[standard_artifacts.Examples],
     report: tfx.dsl.components.OutputArtifact[IngestionReport],
-    source: tfx.dsl.components.Parameter[str] = "mnist5k",
-    name: tfx.dsl.components.Parameter[str] = None,
-    path: tfx.dsl.components.Parameter[str] = None,
-    tfds_data_dir: tfx.dsl.components.Parameter[str] = None,
-    train_split: tfx.dsl.components.Parameter[str] = "train",
-    eval_split: tfx.dsl.components.Parameter[str] = None,
-    holdout_examples: tfx.dsl.components.Parameter[int] = 1000,
-    num_classes: tfx.dsl.components.Parameter[int] = None,
-    max_examples: tfx.dsl.components.Parameter[int] = None,
-    seed: tfx.dsl.components.Parameter[int] = 0,
-    image_size: tfx.dsl.components.Parameter[int] = 0,
+    config: tfx.dsl.components.Parameter[str],
     max_bad_fraction: tfx.dsl.components.Parameter[float] = 0.01,
     num_shards: tfx.dsl.components.Parameter[int] = 1,
     source_fingerprint: tfx.dsl.components.Parameter[str] = None,
@@ -74,51 +64,25 @@ def ImageExampleGen(  # noqa: N802 -- TFX names a component after its function
             modes converted, and the first dropped records by name.
 
     Parameters:
-        source: mnist5k (embedded), digits, tfds, folder (class sub-folders; a file
-            directly in the folder has no label), tfrecord (tf.Examples with `image`
-            bytes and `label` int64).
-        name: TFDS dataset name (source tfds).
-        path: image folder (folder) or TFRecord glob (tfrecord).
-        tfds_data_dir: TFDS data_dir with the prepared dataset; nothing is downloaded.
-        train_split: TFDS split to pretrain on (source tfds).
-        eval_split: the held-out images: a TFDS split name, an image folder or a
-            TFRecord glob; default: `holdout_examples` images of the training split.
-        holdout_examples: images in the `eval` split when `eval_split` is not set, the
-            last ones of a seeded shuffle, as byol_tf.data's "test" split.
-        num_classes: labels outside [0, num_classes - 1] are dropped and counted;
-            default: the source's own class count.
-        max_examples: at most this many images in all, before the split.
-        seed: seed of the shuffle that decides the split (mnist5k: byol_tf.data's own).
-        image_size: side of the square images written (odd sizes are resized, aspect
-            kept, centre-cropped); 0 keeps every image's own size.
+        config: the experiment, `byol_tf.config.to_json(config)`: `data` names the source and
+            the hold-out, `augment.image_size` the size written.
         max_bad_fraction: fail the run when more than this fraction of records is
-            dropped (default 1%); the error names the counts.
+            dropped (default 1%); the error names the counts. A runtime parameter on Vertex.
         num_shards: TFRecord files per split.
         source_fingerprint: unused by the code; part of the cache key, so that changed
             folder / TFRecord files are read again (see
-            `components.ingestion.source_fingerprint`).
+            `byol_tfx.components.ingestion.source_fingerprint`).
 
     Raises:
-        components.ingestion.IngestionError: too many bad records, an empty split, or a
-            source that cannot be read; byol_tf.config.ConfigError: a bad setting.
+        byol_tfx.components.ingestion.IngestionError: too many bad records, an empty split,
+            or a source that cannot be read; byol_tf.config.ConfigError: a bad setting.
     """
-    settings = ingestion.SourceSettings(
-        source=source,
-        name=name,
-        path=path,
-        tfds_data_dir=tfds_data_dir,
-        train_split=train_split,
-        eval_split=eval_split,
-        holdout_examples=holdout_examples,
-        num_classes=num_classes,
-        max_examples=max_examples,
-        seed=seed,
-        image_size=image_size,
-    )
+    from byol_tf import config as config_lib
+
     del source_fingerprint  # only keys the cache
     set_examples_properties(examples)
     result = ingestion.ingest(
-        settings,
+        config_lib.from_json(config),
         examples.uri,
         os.path.join(report.uri, REPORT_FILE),
         max_bad_fraction=max_bad_fraction,
@@ -141,32 +105,6 @@ def set_examples_properties(examples: standard_artifacts.Examples):
         example_gen_utils.PAYLOAD_FORMAT_PROPERTY_NAME,
         example_gen_pb2.PayloadFormat.Name(example_gen_pb2.FORMAT_TF_EXAMPLE),
     )
-
-
-def image_example_gen_from_config(config, **overrides) -> "ImageExampleGen":
-    """An ImageExampleGen for a byol_tf `Config` (its `data` section and image size).
-
-    Args:
-        config: a `byol_tf.config.Config`.
-        **overrides: any ImageExampleGen parameter, e.g. `max_bad_fraction=0.05`.
-    """
-    data = config.data
-    parameters = dict(
-        source=data.source,
-        name=data.name,
-        path=data.path,
-        tfds_data_dir=data.tfds_data_dir,
-        train_split=data.train_split,
-        eval_split=data.eval_split,
-        holdout_examples=data.holdout_examples,
-        num_classes=data.num_classes,
-        max_examples=data.max_examples,
-        seed=data.seed,
-        image_size=config.augment.image_size,
-    )
-    parameters.update(overrides)
-    # TFX records None parameters as unset; leaving them out keeps the component's defaults.
-    return ImageExampleGen(**{key: value for key, value in parameters.items() if value is not None})
 
 
 def import_example_gen(input_base: str, train_pattern: str, eval_pattern: str):

@@ -1,6 +1,6 @@
 """Ingestion: turns any supported image source into checked, uniform tf.Examples.
 
-Plain functions, no TFX: `components.example_gen.ImageExampleGen` is a thin adapter over
+Plain functions, no TFX: `byol_tfx.components.example_gen.ImageExampleGen` is a thin adapter over
 `ingest`. Every candidate record goes through `check_image` / `check_array`, which decide
 *per record*, inside a try/except, whether it is kept as is, kept after conversion to
 8-bit RGB, kept after resizing, or dropped with a named reason. Nothing is dropped
@@ -407,60 +407,6 @@ class IngestionReport:
 # --------------------------------------------------------------------------- sources
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceSettings:
-    """What ImageExampleGen reads: the fields of byol_tf.config.DataConfig it uses.
-
-    Attributes:
-        source: mnist5k | digits | tfds | folder | tfrecord.
-        name: TFDS dataset name (source tfds).
-        path: folder of class sub-folders (folder), or a glob of TFRecord files of
-            tf.Examples with `image` bytes and `label` int64 (tfrecord).
-        tfds_data_dir: TFDS data_dir holding the prepared dataset (nothing is downloaded).
-        train_split: TFDS split to pretrain on (source tfds).
-        eval_split: held-out images: a TFDS split name, an image folder or a TFRecord glob;
-            None holds out `holdout_examples` images of the training split instead.
-        holdout_examples: images held out as the `eval` split when `eval_split` is None.
-        num_classes: labels must lie in [0, num_classes - 1]; None: the source's own
-            count (mnist5k / digits: 10; folders: the number of class folders; TFDS: its
-            label feature; TFRecords: unchecked above).
-        max_examples: use at most this many images (before the hold-out).
-        seed: seed of the shuffle that decides the hold-out.
-        image_size: side of the square images written; 0 keeps each image's own size.
-    """
-
-    source: str = "mnist5k"
-    name: Optional[str] = None
-    path: Optional[str] = None
-    tfds_data_dir: Optional[str] = None
-    train_split: str = "train"
-    eval_split: Optional[str] = None
-    holdout_examples: int = 1000
-    num_classes: Optional[int] = None
-    max_examples: Optional[int] = None
-    seed: int = 0
-    image_size: int = 0
-
-    def data_config(self):
-        """The equivalent, validated byol_tf DataConfig (raises ConfigError naming the field)."""
-        from byol_tf import config as config_lib
-
-        data = config_lib.DataConfig(
-            source=self.source,
-            name=self.name,
-            path=self.path,
-            tfds_data_dir=self.tfds_data_dir,
-            train_split=self.train_split,
-            eval_split=self.eval_split,
-            holdout_examples=self.holdout_examples,
-            num_classes=self.num_classes,
-            max_examples=self.max_examples,
-            seed=self.seed,
-        )
-        data.validate("data")
-        return data
-
-
 def holdout_split(count: int, holdout: int, seed: int, max_examples: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Indices of train and eval in a seeded shuffle of `count` records.
 
@@ -542,7 +488,7 @@ def _read_file(path: str, label: Optional[int], record_id: str) -> Candidate:
         return Candidate(record_id, label, drop_reason=UNREADABLE_FILE, detail=_message(error))
 
 
-def _folder_candidates(settings: SourceSettings) -> Tuple[Dict[str, Iterator[Candidate]], int]:
+def _folder_candidates(settings) -> Tuple[Dict[str, Iterator[Candidate]], int]:
     files, others, class_names = list_folder(settings.path)
     if settings.eval_split:
         eval_files, eval_others, _ = list_folder(settings.eval_split, class_names)
@@ -618,7 +564,7 @@ def _parse_tf_example(record_id: str, record: Optional[bytes], detail: str) -> C
     return Candidate(record_id, label, data=feature["image"].bytes_list.value[0])
 
 
-def _tfrecord_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candidate]]:
+def _tfrecord_candidates(settings) -> Dict[str, Iterator[Candidate]]:
     def read(files, wanted=None, limit=None):
         for index, entry in enumerate(_iterate_tfrecords(files)):
             if limit is not None and index >= limit:
@@ -640,11 +586,11 @@ def _tfrecord_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candida
     return {split: read(files, wanted=set(indices[split].tolist()), limit=count) for split in SPLITS}
 
 
-def _library_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candidate]]:
+def _library_candidates(settings) -> Dict[str, Iterator[Candidate]]:
     """mnist5k / digits / tfds through byol_tf.data, so the split is the library's own."""
     from byol_tf import data as data_lib
 
-    data_config = settings.data_config()
+    data_config = settings
 
     def read(split):
         dataset = data_lib.load_split(data_config, LIBRARY_SPLITS[split])
@@ -654,22 +600,22 @@ def _library_candidates(settings: SourceSettings) -> Dict[str, Iterator[Candidat
     return {split: read(split) for split in SPLITS}
 
 
-def candidates(settings: SourceSettings) -> Tuple[Dict[str, Iterator[Candidate]], Optional[int]]:
+def candidates(settings) -> Tuple[Dict[str, Iterator[Candidate]], Optional[int]]:
     """Candidate records of each split of a source, and the number of classes if known.
+
+    Args:
+        settings: the config's `data` section (`byol_tf.config.DataConfig`).
 
     Raises:
         IngestionError: the source as a whole cannot be read (missing folder, no files).
-        byol_tf.config.ConfigError: a setting is invalid.
     """
     if settings.source == "folder":
-        settings.data_config()
         return _folder_candidates(settings)
     if settings.source == "tfrecord":
-        settings.data_config()
         return _tfrecord_candidates(settings), settings.num_classes
     from byol_tf import data as data_lib
 
-    return _library_candidates(settings), data_lib.num_classes(settings.data_config())
+    return _library_candidates(settings), data_lib.num_classes(settings)
 
 
 def check_candidate(candidate: Candidate, *, image_size: int, num_classes: Optional[int]) -> RecordResult:
@@ -742,7 +688,7 @@ def write_split(path: str, results: Iterable[RecordResult], report: IngestionRep
 
 
 def ingest(
-    settings: SourceSettings,
+    config,
     examples_uri: str,
     report_path: str,
     *,
@@ -752,7 +698,8 @@ def ingest(
     """Reads a source, checks every record, writes train/eval tf.Examples and a report.
 
     Args:
-        settings: the source and split settings.
+        config: the experiment (`byol_tf.config.Config`): its `data` section names the source
+            and the split, `augment.image_size` the size of the images written.
         examples_uri: the Examples artifact's folder; splits go to Split-train/ and
             Split-eval/ as TFX's ExampleGen lays them out.
         report_path: where the JSON report goes (written also when the run then fails).
@@ -769,15 +716,19 @@ def ingest(
         raise IngestionError(f"max_bad_fraction={max_bad_fraction} must lie in [0, 1]")
     if num_shards < 1:
         raise IngestionError(f"num_shards={num_shards} must be at least 1")
-    if settings.image_size < 0:
-        raise IngestionError(f"image_size={settings.image_size} must be 0 (keep) or positive")
+    from byol_tf import config as config_lib
+
+    settings, image_size = config.data, config.augment.image_size
     generators, num_classes = candidates(settings)
     report = IngestionReport(
-        **dataclasses.asdict(settings), num_classes_used=num_classes, max_bad_fraction=max_bad_fraction
+        **config_lib.to_dict(config)["data"],
+        image_size=image_size,
+        num_classes_used=num_classes,
+        max_bad_fraction=max_bad_fraction,
     )
     for split in SPLITS:
         results = (
-            check_candidate(candidate, image_size=settings.image_size, num_classes=num_classes)
+            check_candidate(candidate, image_size=image_size, num_classes=num_classes)
             for candidate in generators[split]
         )
         write_split(os.path.join(examples_uri, f"Split-{split}"), results, report, split, num_shards)

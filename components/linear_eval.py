@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from absl import logging
@@ -33,7 +31,7 @@ from tfx.types import artifact_utils, channel, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 from tfx.utils import io_utils, path_utils
 
-from components import examples_io
+from byol_tfx.components import examples_io
 
 METRICS_FILE = "linear_eval.json"
 BLESSED_FILE = "BLESSED"
@@ -120,25 +118,17 @@ def baseline_top1_of(blessing: types.Artifact) -> float:
     )
 
 
-def _local_copy(path: str, scratch: str) -> str:
-    """`path` itself when local, else a local copy (Keras loads .keras files from local disk)."""
-    if "://" not in path:
-        return path
-    local = os.path.join(scratch, os.path.basename(path))
-    io_utils.copy_file(path, local)
-    return local
-
-
-def load_encoder(model: types.Artifact, scratch: str):
+def load_encoder(model: types.Artifact):
     """The encoder the Trainer saved as `encoder.keras` in the model's serving folder."""
     import keras  # deferred: the component definition must not import Keras
 
-    from byol_tf import export
+    from byol_tf import export, fileio
 
-    path = os.path.join(path_utils.serving_model_path(model.uri), export.ENCODER_FILE)
+    path = fileio.join(path_utils.serving_model_path(model.uri), export.ENCODER_FILE)
     if not fileio.exists(path):
         raise ValueError(f"model artifact {model.uri!r} has no {export.ENCODER_FILE} in its serving folder")
-    return keras.models.load_model(_local_copy(path, scratch), compile=False)
+    # Keras reads gs:// (any tf.io.gfile path) itself: nothing is staged here.
+    return keras.models.load_model(path, compile=False)
 
 
 class Executor(base_executor.BaseExecutor):
@@ -147,7 +137,7 @@ class Executor(base_executor.BaseExecutor):
     def Do(self, input_dict: dict[str, list[types.Artifact]], output_dict, exec_properties: dict[str, Any]):
         from byol_tf import config as config_lib, evaluation
 
-        config = config_lib.from_dict(json.loads(exec_properties["config"]))
+        config = config_lib.from_json(exec_properties["config"])
         margin = float(exec_properties["blessing_margin"])
         examples = artifact_utils.get_single_instance(input_dict["examples"])
         model = artifact_utils.get_single_instance(input_dict["model"])
@@ -161,19 +151,14 @@ class Executor(base_executor.BaseExecutor):
         train_images, train_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, train_split))
         test_images, test_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, eval_split))
 
-        scratch = tempfile.mkdtemp(prefix="linear_eval-")
-        try:
-            encoder = load_encoder(model, scratch)
-            # Baselines always: the blessing rule needs the random-init row.
-            report = evaluation.evaluate(
-                encoder,
-                config,
-                baselines=True,
-                arrays=(train_images, train_labels, test_images, test_labels),
-                progress=False,
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        # Baselines always: the blessing rule needs the random-init row.
+        report = evaluation.evaluate(
+            load_encoder(model),
+            config,
+            baselines=True,
+            arrays=(train_images, train_labels, test_images, test_labels),
+            progress=False,
+        )
 
         rows = report.rows
         baseline_blessing = baseline_blessings[0] if baseline_blessings else None
@@ -225,7 +210,7 @@ class LinearEvalSpec(ComponentSpec):
     """Inputs, outputs and parameters of LinearEval."""
 
     PARAMETERS = {
-        # JSON of the whole experiment config (byol_tf.config.to_dict): protocol + architecture.
+        # The experiment, byol_tf.config.to_json(config): protocol + architecture.
         "config": ExecutionParameter(type=str),
         "blessing_margin": ExecutionParameter(type=float),
         "train_split": ExecutionParameter(type=str, optional=True),
@@ -250,7 +235,7 @@ class LinearEval(base_component.BaseComponent):
         examples: `Examples` with `train_split` (classifier training) and `eval_split`
             (held out; the reported accuracies).
         model: the Trainer's `Model` (`Format-Serving/encoder.keras`).
-        config: the experiment config as a dict (`byol_tf.config.to_dict`).
+        config: the experiment's canonical JSON (`byol_tf.config.to_json`).
         blessing_margin: required top-1 gain over the random-init encoder (fraction), a
             float or a RuntimeParameter.
         baseline_model: the latest blessed `Model` (optional; a resolver's output).
@@ -266,7 +251,7 @@ class LinearEval(base_component.BaseComponent):
         self,
         examples: types.BaseChannel,
         model: types.BaseChannel,
-        config: dict[str, Any],
+        config: str,
         blessing_margin=0.01,
         baseline_model: types.BaseChannel | None = None,
         baseline_blessing: types.BaseChannel | None = None,
@@ -278,8 +263,7 @@ class LinearEval(base_component.BaseComponent):
             model=model,
             baseline_model=baseline_model,
             baseline_blessing=baseline_blessing,
-            # Sorted keys: the same config gives the same string, so caching works.
-            config=json.dumps(config, sort_keys=True),
+            config=config,
             blessing_margin=blessing_margin,
             train_split=train_split,
             eval_split=eval_split,

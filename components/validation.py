@@ -16,11 +16,11 @@ small components close the gaps:
 | component | inputs | outputs | parameters |
 | --- | --- | --- | --- |
 | `StatisticsGen` (TFX) | `examples` (Examples) | `statistics` (ExampleStatistics, per split) | none |
-| `ImageSchemaGen` (`components.validation`) | `statistics` (ExampleStatistics) | `schema` (Schema: `schema.pbtxt`) | `num_classes` (default: max train label + 1), `image_size` (0: sizes not checked), `require_label` (True) |
+| `ImageSchemaGen` (`byol_tfx.components.validation`) | `statistics` (ExampleStatistics) | `schema` (Schema: `schema.pbtxt`) | `config` (the experiment's JSON: `data.num_classes`, default max train label + 1; `augment.image_size`), `require_label` (True) |
 | `ExampleValidator` (TFX) | `statistics`, `schema` | `anomalies` (ExampleAnomalies, per split `SchemaDiff.pb`) | none |
-| `ValidationGate` (`components.validation`) | `anomalies` (ExampleAnomalies), `schema` (Schema) | `validated_schema` (Schema, a copy; the Trainer's `schema`) | none; fails the run naming each anomaly |
+| `ValidationGate` (`byol_tfx.components.validation`) | `anomalies` (ExampleAnomalies), `schema` (Schema) | `validated_schema` (Schema, a copy; the Trainer's `schema`) | none; fails the run naming each anomaly |
 
-`validation_components(examples, num_classes=..., image_size=...)` builds all four.
+`validation_components(examples, config_json)` builds all four.
 
 Pure functions (`curate_schema`, `read_anomalies`, `describe_anomalies`) hold the logic;
 the components only move artifacts.
@@ -38,7 +38,7 @@ from tfx.utils import io_utils
 import tensorflow_data_validation as tfdv  # noqa: I001 -- must follow tfx
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
 
-from components import ingestion
+from byol_tfx.components import ingestion
 
 SCHEMA_FILE = "schema.pbtxt"  # the file name TFX's SchemaGen writes and readers look for
 ANOMALIES_FILE = "SchemaDiff.pb"  # ExampleValidator's per-split binary Anomalies proto
@@ -200,8 +200,7 @@ def check_anomalies(anomalies_by_split: Dict[str, anomalies_pb2.Anomalies], wher
 def ImageSchemaGen(  # noqa: N802 -- TFX names a component after its function
     statistics: tfx.dsl.components.InputArtifact[standard_artifacts.ExampleStatistics],
     schema: tfx.dsl.components.OutputArtifact[standard_artifacts.Schema],
-    num_classes: tfx.dsl.components.Parameter[int] = None,
-    image_size: tfx.dsl.components.Parameter[int] = 0,
+    config: tfx.dsl.components.Parameter[str],
     require_label: tfx.dsl.components.Parameter[bool] = True,
 ):
     """Infers the schema from the train split's statistics and pins labels and sizes.
@@ -215,13 +214,20 @@ def ImageSchemaGen(  # noqa: N802 -- TFX names a component after its function
             has them and image_size > 0), `image` and `label` required once per example.
 
     Parameters:
-        num_classes: number of classes; default: the largest train label + 1.
-        image_size: the size ImageExampleGen wrote; 0 leaves sizes unchecked.
+        config: the experiment, `byol_tf.config.to_json(config)`: `data.num_classes` (default:
+            the largest train label + 1) and `augment.image_size` (the size ImageExampleGen
+            wrote).
         require_label: every example must carry a label.
     """
+    from byol_tf import config as config_lib
+
+    experiment = config_lib.from_json(config)
     train_statistics = stats_artifact_utils.load_statistics(statistics, ingestion.TRAIN_SPLIT).proto()
     curated = infer_curated_schema(
-        train_statistics, num_classes=num_classes, image_size=image_size, require_label=require_label
+        train_statistics,
+        num_classes=experiment.data.num_classes,
+        image_size=experiment.augment.image_size,
+        require_label=require_label,
     )
     io_utils.write_pbtxt_file(os.path.join(schema.uri, SCHEMA_FILE), curated)
 
@@ -252,15 +258,13 @@ def ValidationGate(  # noqa: N802
     io_utils.copy_file(source, os.path.join(validated_schema.uri, SCHEMA_FILE), overwrite=True)
 
 
-def validation_components(
-    examples, *, num_classes: Optional[int] = None, image_size: int = 0, require_label: bool = True
-) -> Dict[str, object]:
+def validation_components(examples, config: str, *, require_label: bool = True) -> Dict[str, object]:
     """The validation chain for `examples`, to add to a pipeline in this order.
 
     Args:
         examples: an Examples channel, e.g. `example_gen.outputs["examples"]`.
-        num_classes: label range [0, num_classes - 1]; None: largest train label + 1.
-        image_size: the ImageExampleGen image_size (0: sizes unchecked).
+        config: the experiment's canonical JSON (`byol_tf.config.to_json`): the label range
+            [0, data.num_classes - 1] (largest train label + 1 when unset) and the image size.
         require_label: every example must carry a label.
 
     Returns:
@@ -269,10 +273,7 @@ def validation_components(
     """
     statistics_gen = tfx.components.StatisticsGen(examples=examples)
     schema_gen = ImageSchemaGen(
-        statistics=statistics_gen.outputs["statistics"],
-        image_size=image_size,
-        require_label=require_label,
-        **({"num_classes": num_classes} if num_classes is not None else {}),
+        statistics=statistics_gen.outputs["statistics"], config=config, require_label=require_label
     )
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]

@@ -1,6 +1,6 @@
 """Compiles the pipeline to a Kubeflow Pipelines v2 / Vertex AI Pipelines job file (JSON).
 
-    byol-tf pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \\
+    byol-tf-pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \\
         --image REGION-docker.pkg.dev/PROJECT/REPO/byol-tf:0.1.0 \\
         --pipeline-root gs://BUCKET/byol-tf --push-destination gs://BUCKET/byol-tf/serving_model
 
@@ -56,14 +56,13 @@ def dataflow_beam_args(project: str, region: str, temp_location: str, image: str
 
 
 def compile_pipeline(
-    config_path: str,
+    config,
     output_file: str,
-    overrides: Sequence[str] = (),
+    pipeline_name: str,
     *,
     image: str = DEFAULT_IMAGE,
     pipeline_root: str = DEFAULT_PIPELINE_ROOT,
     push_destination: str | None = None,
-    pipeline_name: str | None = None,
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     blessing_margin: float | None = None,
     max_bad_fraction: float = 0.01,
@@ -72,17 +71,16 @@ def compile_pipeline(
     """Writes the Vertex / Kubeflow v2 pipeline job JSON for a config.
 
     Args:
-        config_path: YAML experiment file.
+        config: the experiment (`byol_tf.config.Config`).
         output_file: the JSON file to write (its folder is created).
-        overrides: `section.field=value` strings.
+        pipeline_name: the pipeline's name (`pipeline.default_pipeline_name(config_path)`).
         image: container image of every step (see the Dockerfile).
         pipeline_root: gs:// folder for artifacts.
         push_destination: base folder of pushed encoders; default `<pipeline_root>/serving_model`.
-        pipeline_name: default `byol-tf-<config stem>`.
         beam_pipeline_args: for the Beam-based components (e.g. `dataflow_beam_args`).
         blessing_margin: default of the `blessing_margin` runtime parameter.
         max_bad_fraction: default of the `max_bad_fraction` runtime parameter.
-        source_fingerprint: `components.ingestion.source_fingerprint` of a folder /
+        source_fingerprint: `byol_tfx.components.ingestion.source_fingerprint` of a folder /
             TFRecord source, when the compiling machine can list it: a new value (new
             files) makes ImageExampleGen a cache miss on Vertex too.
 
@@ -91,17 +89,14 @@ def compile_pipeline(
     """
     from tfx import v1 as tfx
 
-    from byol_tf import config as config_lib
-    from pipeline import local_runner
-    from pipeline import pipeline as pipeline_lib
+    from byol_tfx.pipeline import pipeline as pipeline_lib
 
-    config = config_lib.load(config_path, overrides)
-    name = pipeline_name or local_runner.default_pipeline_name(config_path)
+    name = pipeline_name
     margin = pipeline_lib.DEFAULT_BLESSING_MARGIN if blessing_margin is None else blessing_margin
     tfx_pipeline = pipeline_lib.create_pipeline(
         pipeline_name=name,
         pipeline_root=pipeline_root,
-        config_dict=config_lib.to_dict(config),
+        config=config,
         metadata_connection_config=None,
         beam_pipeline_args=list(beam_pipeline_args),
         push_destination=push_destination or pipeline_root.rstrip("/") + "/serving_model",

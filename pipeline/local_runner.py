@@ -1,6 +1,6 @@
 """Runs the pipeline on this machine: LocalDagRunner, ML Metadata in SQLite, Beam DirectRunner.
 
-    byol-tf pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR]
+    byol-tf-pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR]
 
 Everything of a run lives under `OUTPUT_DIR/PIPELINE_NAME/` (the pipeline name is
 `byol-tf-<config file stem>` unless given):
@@ -50,12 +50,6 @@ def run_paths(output_dir: str, pipeline_name: str) -> RunPaths:
         metadata_path=os.path.join(base, METADATA_FILE),
         serving_model_dir=os.path.join(base, SERVING_MODEL_DIR),
     )
-
-
-def default_pipeline_name(config_path: str) -> str:
-    """`byol-tf-<stem of the config file>`, e.g. byol-tf-mnist5k."""
-    stem = os.path.splitext(os.path.basename(config_path))[0]
-    return "byol-tf-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
 
 
 @dataclasses.dataclass
@@ -128,7 +122,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
     from tfx.orchestration import metadata
     from tfx.types import standard_artifacts
 
-    from components import linear_eval
+    from byol_tfx.components import linear_eval
 
     store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
     pipeline_context = store.get_context_by_type_and_name(constants.PIPELINE_CONTEXT_TYPE_NAME, pipeline_name)
@@ -181,46 +175,40 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
 
 
 def run(
-    config_path: str,
-    overrides: Sequence[str] = (),
+    config,
+    pipeline_name: str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     *,
-    pipeline_name: str | None = None,
     blessing_margin: float | None = None,
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     enable_cache: bool = True,
-    quiet: bool = False,
 ) -> RunSummary:
-    """Builds the pipeline from a config file and runs it locally.
+    """Runs the pipeline of an experiment here and reads back what the run did.
 
     Args:
-        config_path: YAML experiment file.
-        overrides: `section.field=value` strings applied to it.
+        config: the experiment (`byol_tf.config.Config`).
+        pipeline_name: the pipeline's name (`default_pipeline_name(config_path)`); the cache
+            is per pipeline name.
         output_dir: folder holding every pipeline's artifacts, metadata and pushed models.
-        pipeline_name: default `byol-tf-<config stem>`; the cache is per pipeline name.
         blessing_margin: required top-1 gain over the random-init encoder (fraction);
             default `pipeline.DEFAULT_BLESSING_MARGIN`.
         beam_pipeline_args: for the Beam-based component (StatisticsGen).
         enable_cache: reuse executions whose inputs and parameters are unchanged.
-        quiet: do not print the summary.
 
     Returns:
-        The run's summary (also printed).
+        The run's summary.
     """
     from tfx import v1 as tfx
 
-    from byol_tf import config as config_lib
-    from components import ingestion
-    from pipeline import pipeline as pipeline_lib
+    from byol_tfx.components import ingestion
+    from byol_tfx.pipeline import pipeline as pipeline_lib
 
-    config = config_lib.load(config_path, overrides)
-    name = pipeline_name or default_pipeline_name(config_path)
-    paths = run_paths(output_dir, name)
+    paths = run_paths(output_dir, pipeline_name)
     os.makedirs(paths.base, exist_ok=True)
     tfx_pipeline = pipeline_lib.create_pipeline(
-        pipeline_name=name,
+        pipeline_name=pipeline_name,
         pipeline_root=paths.pipeline_root,
-        config_dict=config_lib.to_dict(config),
+        config=config,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(paths.metadata_path),
         beam_pipeline_args=list(beam_pipeline_args),
         push_destination=paths.serving_model_dir,
@@ -230,7 +218,4 @@ def run(
         source_fingerprint=ingestion.source_fingerprint(config.data.source, config.data.path, config.data.eval_split),
     )
     tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
-    summary = summarize_run(paths.metadata_path, name)
-    if not quiet:
-        print(summary.format(), flush=True)
-    return summary
+    return summarize_run(paths.metadata_path, pipeline_name)

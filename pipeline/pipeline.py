@@ -15,12 +15,15 @@ orchestrator. Components are thin adapters over `byol_tf`:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import os
+from typing import Sequence
 
 from tfx import v1 as tfx
 
+from byol_tf import config as config_lib
+
 DEFAULT_BLESSING_MARGIN = 0.01
-TRAINER_RUN_FN = "components.trainer_module.run_fn"
+TRAINER_RUN_FN = "byol_tfx.components.trainer_module.run_fn"
 
 # Node ids, also the task names in the compiled Vertex pipeline.
 EXAMPLE_GEN = "ImageExampleGen"
@@ -30,10 +33,16 @@ LINEAR_EVAL = "LinearEval"
 PUSHER = "Pusher"
 
 
+def default_pipeline_name(config_path: str) -> str:
+    """`byol-tf-<stem of the config file>`, e.g. byol-tf-mnist5k."""
+    stem = os.path.splitext(os.path.basename(config_path))[0]
+    return "byol-tf-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
+
+
 def create_pipeline(
     pipeline_name: str,
     pipeline_root: str,
-    config_dict: Mapping[str, Any],
+    config: config_lib.Config,
     metadata_connection_config=None,
     beam_pipeline_args: Sequence[str] | None = None,
     push_destination: str | None = None,
@@ -47,8 +56,9 @@ def create_pipeline(
     Args:
         pipeline_name: the pipeline's name in ML Metadata (the cache is per name).
         pipeline_root: folder (or gs:// path) for the artifacts.
-        config_dict: the whole experiment config, `byol_tf.config.to_dict(config)`; it is
-            validated here.
+        config: the experiment. It is serialised once (`byol_tf.config.to_json`, canonical,
+            so the same experiment keeps its cache key) and every custom component, and the
+            Trainer's `custom_config`, get that one string.
         metadata_connection_config: ML Metadata connection (None on Vertex, which has its own).
         beam_pipeline_args: for the Beam-based components (DirectRunner, Dataflow, ...).
         push_destination: base folder of the pushed encoders (one timestamped folder per push).
@@ -58,36 +68,31 @@ def create_pipeline(
         max_bad_fraction: ImageExampleGen fails when more records than this are bad;
             a float or a RuntimeParameter.
         source_fingerprint: a hash of a folder / TFRecord source's files
-            (`components.ingestion.source_fingerprint`, computed by the runner): part of
+            (`byol_tfx.components.ingestion.source_fingerprint`, computed by the runner): part of
             ImageExampleGen's cache key, so changed files are read again.
 
     Returns:
         A `tfx.dsl.Pipeline`.
 
     Raises:
-        byol_tf.config.ConfigError: `config_dict` is not a valid config.
         ValueError: `push_destination` is missing.
     """
-    from byol_tf import config as config_lib
-    from components import example_gen as example_gen_lib
-    from components import linear_eval as linear_eval_lib
-    from components import validation as validation_lib
+    from byol_tfx.components import example_gen as example_gen_lib
+    from byol_tfx.components import linear_eval as linear_eval_lib
+    from byol_tfx.components import trainer_module
+    from byol_tfx.components import validation as validation_lib
 
     if not push_destination:
         raise ValueError("create_pipeline: push_destination (where blessed encoders go) is required")
-    config = config_lib.from_dict(config_dict)
-    # Normalised (defaults filled in, tuples as lists): the same experiment always gives
-    # the same parameters, so the cache recognises it.
-    config_dict = config_lib.to_dict(config)
+    config_json = config_lib.to_json(config)
 
-    example_gen_options = {"max_bad_fraction": max_bad_fraction}
-    if source_fingerprint:
-        example_gen_options["source_fingerprint"] = source_fingerprint
-    example_gen = example_gen_lib.image_example_gen_from_config(config, **example_gen_options).with_id(EXAMPLE_GEN)
+    example_gen = example_gen_lib.ImageExampleGen(
+        config=config_json,
+        max_bad_fraction=max_bad_fraction,
+        **({"source_fingerprint": source_fingerprint} if source_fingerprint else {}),
+    ).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
-    validation = validation_lib.validation_components(
-        examples, num_classes=config.data.num_classes, image_size=config.augment.image_size
-    )
+    validation = validation_lib.validation_components(examples, config_json)
 
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_RUN_FN,
@@ -95,7 +100,7 @@ def create_pipeline(
         # The gate's output exists only when ExampleValidator found no anomaly: the
         # Trainer (and everything after it) cannot run on data that failed validation.
         schema=validation["validation_gate"].outputs["validated_schema"],
-        custom_config=config_dict,
+        custom_config=trainer_module.custom_config(config_json),
     ).with_id(TRAINER)
 
     latest_blessed = tfx.dsl.Resolver(
@@ -107,7 +112,7 @@ def create_pipeline(
     linear_eval = linear_eval_lib.LinearEval(
         examples=examples,
         model=trainer.outputs["model"],
-        config=config_dict,
+        config=config_json,
         blessing_margin=blessing_margin,
         baseline_model=latest_blessed.outputs["model"],
         baseline_blessing=latest_blessed.outputs["model_blessing"],

@@ -12,58 +12,7 @@ import pytest
 import tensorflow as tf
 
 from byol_tf import byol, losses, schedules
-
-IMAGE = 8
-
-
-def tiny_encoder(synchronized=False):
-    inputs = keras.Input((IMAGE, IMAGE, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
-    x = keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, x)
-
-
-def tiny_mlp(input_dim, synchronized=False):
-    return keras.Sequential(
-        [
-            keras.Input((input_dim,)),
-            keras.layers.Dense(16),
-            keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized),
-            keras.layers.ReLU(),
-            keras.layers.Dense(8),
-        ]
-    )
-
-
-def tiny_model(total_steps=10, tau_base=0.9, num_classes=None, synchronized=False):
-    keras.utils.set_random_seed(1)
-    return byol.BYOLModel(
-        build_encoder=lambda: tiny_encoder(synchronized),
-        build_projector=lambda: tiny_mlp(4, synchronized),
-        build_predictor=lambda: tiny_mlp(8, synchronized),
-        image_size=IMAGE,
-        total_steps=total_steps,
-        tau_base=tau_base,
-        num_classes=num_classes,
-    )
-
-
-def random_batch(batch=8, seed=0, with_labels=True):
-    rng = np.random.default_rng(seed)
-    data = {
-        "view1": rng.uniform(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
-        "view2": rng.uniform(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
-    }
-    if with_labels:
-        data["label"] = rng.integers(0, 3, size=(batch,)).astype(np.int64)
-    return data
-
-
-def fit_steps(model, batch, steps=1):
-    dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    return model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0).history
+from fixtures.models import IMAGE, fit_steps, random_batch, tiny_encoder, tiny_mlp, tiny_model
 
 
 def test_target_starts_as_copy_of_online():
@@ -173,7 +122,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     mirrored = distribute.strategy_from_config(DistributeConfig(strategy="mirrored", num_cpu_devices=2))
     import keras
     sys.path.insert(0, "tests")
-    import test_byol as t
+    from fixtures import models as t
 
     def run(strategy):
         with strategy.scope():

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import test_byol
 from byol_tf import byol, config as config_lib, distribute, training
 from byol_tf.config import ConfigError, DistributeConfig
+from fixtures import models as tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "training_run.py")
@@ -193,14 +193,14 @@ def test_per_worker_input_gets_the_input_context_and_skips_per_replica_batches()
 
 
 def test_prepare_for_fit_builds_the_optimizer_and_keeps_scalar_logs_off_multi_worker():
-    model = test_byol.tiny_model()
+    model = tiny.tiny_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     assert not model.optimizer.built
     train_step = model.train_step
     distribute.prepare_for_fit(model, tf.distribute.get_strategy())
     assert model.optimizer.built
     assert model.train_step == train_step  # rank-1 logs only under MultiWorkerMirroredStrategy
-    logs = test_byol.fit_steps(model, test_byol.random_batch(with_labels=False))
+    logs = tiny.fit_steps(model, tiny.random_batch(with_labels=False))
     assert np.isfinite(logs["loss"][0])
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     unbuilt.compile(optimizer="sgd")
@@ -213,7 +213,7 @@ def test_prepare_for_fit_builds_the_optimizer_and_keeps_scalar_logs_off_multi_wo
 
 def mixed_model(policy, optimizer, num_classes=3, **kwargs):
     with distribute.dtype_policy(policy):
-        model = test_byol.tiny_model(num_classes=num_classes, **kwargs)
+        model = tiny.tiny_model(num_classes=num_classes, **kwargs)
     model.compile(optimizer=optimizer)
     return model
 
@@ -227,7 +227,7 @@ def test_mixed_precision_keeps_loss_and_ema_in_float32(policy, compute):
         optimizer = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=16.0)
     model = mixed_model(policy, optimizer)
     assert keras.config.dtype_policy().name == "float32"  # restored after the build
-    batch = test_byol.random_batch()
+    batch = tiny.random_batch()
     assert model.online_projector(model.online_encoder(batch["view1"])).dtype == compute
     assert all(weight.dtype == "float32" for weight in model.weights)
 
@@ -237,7 +237,7 @@ def test_mixed_precision_keeps_loss_and_ema_in_float32(policy, compute):
     assert all(gradient.dtype == tf.float32 for gradient in gradients)
 
     old_target = [w.numpy().copy() for w in model.target_weights]
-    logs = test_byol.fit_steps(model, batch)
+    logs = tiny.fit_steps(model, batch)
     assert int(model.optimizer.iterations.numpy()) == 1  # the step was applied, not skipped
     assert np.isfinite(logs["loss"][0])
     tau = np.float32(logs["tau"][0])
@@ -251,7 +251,7 @@ def test_a_loss_scale_skipped_step_leaves_the_target_unchanged():
     optimizer = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=2.0**60)
     model = mixed_model("mixed_float16", optimizer)
     old_target = [w.numpy().copy() for w in model.target_weights]
-    logs = test_byol.fit_steps(model, test_byol.random_batch())
+    logs = tiny.fit_steps(model, tiny.random_batch())
     assert int(model.optimizer.iterations.numpy()) == 0
     assert logs["tau"][0] == 1.0
     for target, before in zip(model.target_weights, old_target):
@@ -263,7 +263,7 @@ def test_a_loss_scale_skipped_step_leaves_the_target_unchanged():
 
 
 def plain_encoder():
-    inputs = keras.Input((test_byol.IMAGE, test_byol.IMAGE, 3))
+    inputs = keras.Input((tiny.IMAGE, tiny.IMAGE, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
 
@@ -276,10 +276,10 @@ def plain_mlp(input_dim):
 def accumulating_model(steps, with_batch_norm=False):
     keras.utils.set_random_seed(1)
     model = byol.BYOLModel(
-        build_encoder=test_byol.tiny_encoder if with_batch_norm else plain_encoder,
-        build_projector=(lambda: test_byol.tiny_mlp(4)) if with_batch_norm else (lambda: plain_mlp(4)),
-        build_predictor=(lambda: test_byol.tiny_mlp(8)) if with_batch_norm else (lambda: plain_mlp(8)),
-        image_size=test_byol.IMAGE,
+        build_encoder=tiny.tiny_encoder if with_batch_norm else plain_encoder,
+        build_projector=(lambda: tiny.tiny_mlp(4)) if with_batch_norm else (lambda: plain_mlp(4)),
+        build_predictor=(lambda: tiny.tiny_mlp(8)) if with_batch_norm else (lambda: plain_mlp(8)),
+        image_size=tiny.IMAGE,
         total_steps=10,
         tau_base=0.9,
         num_classes=3,
@@ -290,10 +290,10 @@ def accumulating_model(steps, with_batch_norm=False):
 
 
 def test_four_micro_batches_of_8_update_like_one_batch_of_32_without_batch_norm():
-    batch = test_byol.random_batch(batch=32)
+    batch = tiny.random_batch(batch=32)
     whole, accumulated = accumulating_model(1), accumulating_model(4)
-    whole_logs = test_byol.fit_steps(whole, batch, steps=2)
-    accumulated_logs = test_byol.fit_steps(accumulated, batch, steps=2)
+    whole_logs = tiny.fit_steps(whole, batch, steps=2)
+    accumulated_logs = tiny.fit_steps(accumulated, batch, steps=2)
     assert int(accumulated.optimizer.iterations.numpy()) == 2  # one optimizer step per batch of 32
     # Sums in another order: relative tolerances for the derived values (float32 has ~7 digits).
     for key in ("loss", "collapse_std", "probe_loss", "probe_accuracy", "tau"):
@@ -311,14 +311,14 @@ def test_accumulation_steps_batch_norm_statistics_once_per_effective_batch():
     conv = next(layer for layer in layers if isinstance(layer, keras.layers.Conv2D))
     norm = next(layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization))
     start = norm.moving_mean.numpy().copy()
-    batch = test_byol.random_batch(batch=32)
+    batch = tiny.random_batch(batch=32)
     # Each micro-batch updates from the step's start with view 1, then view 2 (momentum 0.9).
     expected = []
     for index in range(4):
         rows = slice(8 * index, 8 * index + 8)
         mean1, mean2 = (np.mean(conv(batch[view][rows]).numpy(), axis=(0, 1, 2)) for view in ("view1", "view2"))
         expected.append(0.9 * (0.9 * start + 0.1 * mean1) + 0.1 * mean2)
-    logs = test_byol.fit_steps(model, batch)
+    logs = tiny.fit_steps(model, batch)
     np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean(expected, axis=0), rtol=1e-5, atol=1e-6)
     assert int(model.optimizer.iterations.numpy()) == 1
     np.testing.assert_allclose(logs["tau"][0], 0.9, rtol=1e-6)  # the EMA stepped once, at tau(0)
@@ -398,7 +398,7 @@ def test_two_workers_fit_with_per_worker_shards_end_with_identical_weights(tmp_p
 @pytest.mark.slow
 def test_two_workers_with_global_batches_match_two_replicas_on_one_machine(tmp_path):
     # Same global batches, same 2 x 8 split: the same numbers as MirroredStrategy on 2
-    # logical CPUs (itself equal to one device within 1e-5 in test_byol.py on random
+    # logical CPUs (itself equal to one device within 1e-5 in tiny.py on random
     # images; on MNIST, SyncBN's one-pass variance, E[x^2] - E[x]^2 over a mostly constant
     # background, makes the first layer differ by ~1e-3 between 1 and 2 replicas).
     args = ("--epochs", 1, "--steps-per-epoch", 3, "--every", 0)

@@ -1,4 +1,4 @@
-"""Tests for byol_tf.evaluation (linear protocol, kNN, baselines) and the KNNMonitor callback."""
+"""Tests for byol_tf.evaluation (linear protocol, kNN, baselines) and `byol-tf eval`."""
 
 import glob
 import json
@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 
 from byol_tf import augment, evaluation
-from byol_tf.callbacks import KNNMonitor
 from byol_tf.config import Config, EvaluationConfig, NetworkConfig, AugmentConfig
 
 FAST = EvaluationConfig(linear_epochs=10, linear_batch_size=64, l2_sweep=(0.0, 1e-4, 1e-2), validation_fraction=0.2)
@@ -325,53 +324,6 @@ def test_evaluate_rejects_unlabelled_data():
         evaluation.evaluate(_quadrant_encoder(), _toy_config(), arrays=arrays, progress=False)
 
 
-# ---------------------------------------------------------------------- KNNMonitor
-
-
-class WithEncoder(keras.Model):
-    """A trainable model exposing `.encoder`, as BYOLModel does."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.inner = encoder
-        self.head = keras.layers.Dense(1)
-
-    @property
-    def encoder(self):
-        return self.inner
-
-    def call(self, images):
-        return self.head(self.inner(images))
-
-
-def test_knn_monitor_logs_every_n_epochs_before_tensorboard(tmp_path):
-    images, labels = _quadrant_images(80)
-    monitor = KNNMonitor(images[:60], labels[:60], images[60:], labels[60:], image_size=16, every_epochs=2, k=5)
-    model = WithEncoder(_quadrant_encoder())
-    model.compile(optimizer="sgd", loss="mse")
-    inputs = augment.center_crop_resize(images, 16).numpy()
-    history = model.fit(
-        inputs,
-        np.zeros((80, 1), np.float32),
-        epochs=4,
-        batch_size=40,
-        verbose=0,
-        callbacks=[monitor, keras.callbacks.TensorBoard(str(tmp_path), update_freq="epoch")],
-    )
-    assert [epoch for epoch, _ in monitor.history] == [2, 4]
-    assert monitor.history[0][1] >= 0.95
-    # History sees the key only on the epochs that measured it.
-    assert history.history["knn_accuracy"] == [accuracy for _, accuracy in monitor.history]
-    logged = {}
-    for path in glob.glob(os.path.join(str(tmp_path), "train", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "epoch_knn_accuracy":
-                    logged[event.step] = float(tf.make_ndarray(value.tensor))
-    assert sorted(logged) == [1, 3]  # TensorBoard's epoch steps count from 0
-    assert logged[1] == pytest.approx(monitor.history[0][1])
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -401,20 +353,3 @@ def test_cli_eval_prints_the_table_and_writes_json(tmp_path, capsys):
     # A missing encoder is one clear line, not a traceback.
     assert cli.main(["eval", "--encoder", str(tmp_path / "nope.keras"), "--config", str(config_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_knn_monitor_from_config_reads_only_a_labelled_subset():
-    from byol_tf import config as config_lib
-
-    config = config_lib.from_dict(
-        {
-            "data": {"source": "digits", "max_examples": 300, "holdout_examples": 100},
-            "augment": {"image_size": 8},
-            "evaluation": {"knn_examples": 40, "knn_every_epochs": 3, "knn_k": 7},
-        }
-    )
-    monitor = KNNMonitor.from_config(config)
-    assert monitor.train_images.shape == (40, 8, 8, 3) and monitor.train_images.dtype == np.uint8
-    assert monitor.test_images.shape == (40, 8, 8, 3)
-    assert monitor.every_epochs == 3 and monitor.k == 7 and monitor.num_classes == 10
-    assert len(np.unique(monitor.train_labels)) > 5  # not sorted by label

@@ -227,7 +227,7 @@ def test_export_run_records_config_and_evaluation(tmp_path):
     config = _fake_run(run_dir, evaluation={"rows": {"byol": {"top1": 0.9}}})
     export_dir = export.export_run(run_dir, str(tmp_path / "export"))
     with open(os.path.join(export_dir, "metrics.json")) as stream:
-        assert json.load(stream) == {"rows": {"byol": {"top1": 0.9}}}
+        assert json.load(stream) == {"evaluation": {"rows": {"byol": {"top1": 0.9}}}}
     assert config_lib.load(os.path.join(export_dir, "config.yaml")) == config
     signature = tf.saved_model.load(export_dir).signatures["embed_images"]
     assert signature.structured_input_signature[1]["images"].shape.as_list() == [None, SIZE, SIZE, 3]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_tf import callbacks, config as config_lib, training
+from byol_tf import checkpointing, config as config_lib, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "training_run.py")
@@ -157,7 +157,7 @@ class WeightsAfterEachStep(keras.callbacks.Callback):
 
 def test_nan_loss_stops_the_run_and_the_last_backup_restores(tmp_path):
     recorder = WeightsAfterEachStep()
-    with pytest.raises(callbacks.NonFiniteTrainingError, match=r"loss is nan at global step 5 \(epoch 2, batch 2\)"):
+    with pytest.raises(checkpointing.NonFiniteTrainingError, match=r"loss is nan at global step 5 \(epoch 2, batch 2\)"):
         training.train(
             TINY, run_dir=str(tmp_path), dataset=random_views(poison_step=5), num_classes=3,
             extra_callbacks=[recorder],
@@ -171,7 +171,7 @@ def test_nan_loss_stops_the_run_and_the_last_backup_restores(tmp_path):
         model = training.build_model(TINY, total_steps=6, num_classes=3)
         model.compile(optimizer=training.build_optimizer(TINY, 3))
     model.optimizer.build(model.trainable_variables)
-    restorer = callbacks.TrainingBackup(str(backup), model, steps_per_epoch=3)
+    restorer = checkpointing.TrainingBackup(str(backup), model, steps_per_epoch=3)
     assert restorer.restore() == 4
     assert int(model.optimizer.iterations.numpy()) == 4
     for restored, expected in zip(model.weights, recorder.weights[3]):
@@ -190,11 +190,11 @@ def test_non_finite_weights_are_never_backed_up(tmp_path):
         model = training.build_model(TINY, total_steps=6, num_classes=None)
         model.compile(optimizer=keras.optimizers.SGD(0.1))
     model.optimizer.build(model.trainable_variables)
-    backup = callbacks.TrainingBackup(str(tmp_path), model, steps_per_epoch=3, every_steps=1)
+    backup = checkpointing.TrainingBackup(str(tmp_path), model, steps_per_epoch=3, every_steps=1)
     backup.set_model(model)
     backup.save(1, {"loss": 1.0})
     model.online_weights[0].assign(np.full(model.online_weights[0].shape, np.inf, np.float32))
-    with pytest.raises(callbacks.NonFiniteTrainingError, match="non-finite weights after global step 2"):
+    with pytest.raises(checkpointing.NonFiniteTrainingError, match="non-finite weights after global step 2"):
         backup.save(2, {"loss": 1.0})
     backup.save(3, {"loss": float("nan")})  # skipped: the guard reports a NaN loss
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-1")
@@ -209,12 +209,12 @@ def test_backup_of_another_model_fails_with_a_clear_message(tmp_path):
         return model
 
     model = compiled(TINY)
-    backup = callbacks.TrainingBackup(str(tmp_path), model, steps_per_epoch=3)
+    backup = checkpointing.TrainingBackup(str(tmp_path), model, steps_per_epoch=3)
     backup.set_model(model)
     backup.save(3)
     wider = dataclasses.replace(TINY, network=dataclasses.replace(TINY.network, projection_dim=6))
     with pytest.raises(ValueError, match="does not fit this model"):
-        callbacks.TrainingBackup(str(tmp_path), compiled(wider), steps_per_epoch=3).restore()
+        checkpointing.TrainingBackup(str(tmp_path), compiled(wider), steps_per_epoch=3).restore()
 
 
 def test_keep_checkpoints_zero_turns_backups_off(tmp_path):

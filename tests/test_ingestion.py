@@ -11,7 +11,7 @@ import pytest
 from fixtures import images as fx
 from PIL import Image
 
-from components import ingestion
+from byol_tfx.components import ingestion
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -162,12 +162,21 @@ def test_holdout_split_is_byol_tf_data_rule():
 
 # ------------------------------------------------------------------ the component
 
-from components import example_gen  # noqa: E402 -- after the pure tests' imports, for reading order
+from byol_tfx.components import example_gen  # noqa: E402 -- after the pure tests' imports, for reading order
 
 
-def run_example_gen(tmp_path, **parameters):
-    """Calls ImageExampleGen's function with fresh output artifacts, as the executor does."""
+COMPONENT_PARAMETERS = ("max_bad_fraction", "num_shards", "source_fingerprint")
+
+
+def run_example_gen(tmp_path, image_size=fx.SIDE, **settings):
+    """Calls ImageExampleGen's function with fresh output artifacts, as the executor does.
+
+    `settings` are fields of the config's data section, or component parameters.
+    """
     from tfx.types import standard_artifacts
+
+    parameters = {key: settings.pop(key) for key in COMPONENT_PARAMETERS if key in settings}
+    parameters["config"] = fx.config_json(image_size=image_size, **settings)
 
     examples = standard_artifacts.Examples()
     examples.uri = str(tmp_path / "examples")
@@ -301,7 +310,8 @@ def test_mnist5k_eval_split_is_byol_tf_data_test_split(tmp_path):
 def test_component_parameters_and_outputs_are_declared():
     spec = example_gen.ImageExampleGen.SPEC_CLASS
     assert set(spec.OUTPUTS) == {"examples", "report"}
-    assert {"source", "path", "image_size", "max_bad_fraction", "holdout_examples"} <= set(spec.PARAMETERS)
+    # One config parameter; only the runtime-tunable knob and the cache key besides it.
+    assert set(spec.PARAMETERS) == {"config", "max_bad_fraction", "num_shards", "source_fingerprint"}
     assert example_gen.IngestionReport.TYPE_NAME == "byol_tf.IngestionReport"
 
 

@@ -15,11 +15,6 @@ def numpy_regression_loss(p, z):
     return 2.0 - 2.0 * np.sum(p * z, axis=-1)
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 def test_regression_loss_matches_numpy(rng):
     p = rng.normal(size=(16, 32)).astype(np.float32)
     z = rng.normal(size=(16, 32)).astype(np.float32)

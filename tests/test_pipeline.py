@@ -18,11 +18,12 @@ from tfx.types import artifact_utils, standard_artifacts
 
 from byol_tf import config as config_lib
 from byol_tf import networks
-from components import examples_io, linear_eval
-from pipeline import kubeflow_v2_runner, local_runner
-from pipeline import pipeline as pipeline_lib
+from byol_tfx.components import examples_io, linear_eval
+from byol_tfx.pipeline import kubeflow_v2_runner, local_runner
+from byol_tfx.pipeline import pipeline as pipeline_lib
 
 SMOKE = "configs/smoke.yaml"
+NAME = "byol-tf-smoke"
 CLASSES = 3
 INGESTION_AND_VALIDATION = ("ImageExampleGen", "StatisticsGen", "ImageSchemaGen", "ExampleValidator", "ValidationGate")
 COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
@@ -149,7 +150,7 @@ def test_linear_eval_does_not_bless_a_regression_and_pusher_pushes_nothing(tmp_p
         },
         {"evaluation": [metrics], "blessing": [blessing]},
         # A margin of -1 passes the random-init test: only the regression can refuse it.
-        {"config": json.dumps(config_lib.to_dict(config)), "blessing_margin": -1.0},
+        {"config": config_lib.to_json(config), "blessing_margin": -1.0},
     )
 
     with open(os.path.join(metrics.uri, linear_eval.METRICS_FILE)) as stream:
@@ -202,8 +203,8 @@ def test_run_summary_says_where_the_blessed_encoder_is_when_nothing_was_pushed()
 
 
 def test_run_paths_and_pipeline_name():
-    assert local_runner.default_pipeline_name("configs/mnist5k.yaml") == "byol-tf-mnist5k"
-    assert local_runner.default_pipeline_name("my config.v2.yml") == "byol-tf-my-config-v2"
+    assert pipeline_lib.default_pipeline_name("configs/mnist5k.yaml") == "byol-tf-mnist5k"
+    assert pipeline_lib.default_pipeline_name("my config.v2.yml") == "byol-tf-my-config-v2"
     paths = local_runner.run_paths("out", "byol-tf-x")
     assert paths.metadata_path == os.path.abspath("out/byol-tf-x/metadata.sqlite")
     assert paths.serving_model_dir == os.path.abspath("out/byol-tf-x/serving_model")
@@ -213,33 +214,37 @@ def test_run_paths_and_pipeline_name():
 
 
 def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
-    config = config_lib.to_dict(config_lib.load(SMOKE))
+    config = config_lib.load(SMOKE)
     pipeline = pipeline_lib.create_pipeline(
         pipeline_name="p",
         pipeline_root=str(tmp_path / "root"),
-        config_dict=config,
+        config=config,
         push_destination=str(tmp_path / "push"),
     )
-    ids = [component.id for component in pipeline.components]
+    components = {component.id: component for component in pipeline.components}
+    ids = list(components)
     assert ids[0] == "ImageExampleGen" and ids[-2:] == ["LinearEval", "Pusher"]
     assert pipeline.enable_cache
     assert list(tmp_path.iterdir()) == []
+    # One serialised config reaches every custom component, and the Trainer, unchanged.
+    config_json = config_lib.to_json(config)
+    for node in ("ImageExampleGen", "ImageSchemaGen", "LinearEval"):
+        assert components[node].exec_properties["config"] == config_json, node
+    assert json.loads(components["Trainer"].exec_properties["custom_config"]) == {"config": config_json}
     fingerprinted = pipeline_lib.create_pipeline(
         "p", str(tmp_path / "root"), config, push_destination="x", source_fingerprint="abc123"
     )
     assert fingerprinted.components[0].exec_properties["source_fingerprint"] == "abc123"
     with pytest.raises(ValueError, match="push_destination"):
         pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination=None)
-    with pytest.raises(config_lib.ConfigError, match="train.epochs"):
-        pipeline_lib.create_pipeline("p", str(tmp_path), {"train": {"epochs": 0}}, push_destination="x")
 
 
 def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parameters(tmp_path):
     image = "europe-docker.pkg.dev/my-project/byol/byol-tf:test"
     path = kubeflow_v2_runner.compile_pipeline(
-        SMOKE,
+        config_lib.load(SMOKE, ["train.epochs=2"]),
         str(tmp_path / "out" / "byol.json"),
-        ["train.epochs=2"],
+        "byol-tf-smoke",
         image=image,
         pipeline_root="gs://bucket/root",
         blessing_margin=0.02,
@@ -286,7 +291,7 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     # The Trainer gets the whole config, overrides applied, and our run_fn.
     trainer = tasks["Trainer"]["inputs"]["parameters"]
     custom_config = json.loads(trainer["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])
-    assert custom_config["train"]["epochs"] == 2
+    assert config_lib.from_json(custom_config["config"]).train.epochs == 2
     assert trainer["run_fn"]["runtimeValue"]["constantValue"]["stringValue"] == pipeline_lib.TRAINER_RUN_FN
     push = json.loads(tasks["Pusher"]["inputs"]["parameters"]["push_destination"]["runtimeValue"]["constantValue"]["stringValue"])
     assert push["filesystem"]["base_directory"] == "gs://bucket/root/serving_model"
@@ -296,7 +301,7 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     assert len(containers) == len(COMPONENTS)
     assert {container["image"] for container in containers} == {image}
     linear_eval_args = executors["LinearEval_executor"]["container"]["args"]
-    assert linear_eval_args[linear_eval_args.index("--executor_class_path") + 1] == "components.linear_eval.Executor"
+    assert linear_eval_args[linear_eval_args.index("--executor_class_path") + 1] == "byol_tfx.components.linear_eval.Executor"
     output_types = spec["components"]["LinearEval"]["outputDefinitions"]["artifacts"]
     assert "byol_tf.LinearEvalMetrics" in output_types["evaluation"]["artifactType"]["instanceSchema"]
 
@@ -325,14 +330,14 @@ def first_run(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("pipeline_output"))
     # Smoke training is too short to beat random init: a margin of -1 makes it blessed, so
     # the push path is exercised; the rule itself is tested above.
-    summary = local_runner.run(SMOKE, output_dir=output_dir, blessing_margin=-1.0)
+    summary = local_runner.run(config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0)
     return output_dir, summary
 
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(first_run, capsys):
     output_dir, summary = first_run
-    name = local_runner.default_pipeline_name(SMOKE)
+    name = NAME
     paths = local_runner.run_paths(output_dir, name)
 
     executions = executions_by_node(paths.metadata_path, name)
@@ -362,12 +367,12 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
 @pytest.mark.slow
 def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_worse(first_run):
     output_dir, first = first_run
-    name = local_runner.default_pipeline_name(SMOKE)
+    name = NAME
     metadata_path = local_runner.run_paths(output_dir, name).metadata_path
 
     # Same config: everything up to the Trainer is reused; the encoder IS the latest
     # blessed one, so it stays blessed.
-    second = local_runner.run(SMOKE, output_dir=output_dir, blessing_margin=-1.0)
+    second = local_runner.run(config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0)
     for component in (*INGESTION_AND_VALIDATION, "Trainer"):
         assert second.states[component] == ["CACHED"], component
     assert second.states["LinearEval"] == ["COMPLETE"]
@@ -375,7 +380,7 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
 
     # Another training seed: data steps still cached, a new encoder is trained and blessed
     # only if its top-1 is not below the blessed one's.
-    third = local_runner.run(SMOKE, ["train.seed=1"], output_dir=output_dir, blessing_margin=-1.0)
+    third = local_runner.run(config_lib.load(SMOKE, ["train.seed=1"]), NAME, output_dir=output_dir, blessing_margin=-1.0)
     for component in INGESTION_AND_VALIDATION:
         assert third.states[component] == ["CACHED"], component
     assert third.states["Trainer"] == ["COMPLETE"]
@@ -395,10 +400,10 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
 
 
 def test_cli_compile_writes_the_vertex_file(tmp_path, capsys):
-    from byol_tf import cli
+    from byol_tfx.pipeline import cli
 
     out = tmp_path / "vertex" / "byol.json"
-    assert cli.main(["pipeline", "compile", "--target", "vertex", "--config", SMOKE, "--out", str(out),
+    assert cli.main(["compile", "--target", "vertex", "--config", SMOKE, "--out", str(out),
                      "--image", "gcr.io/p/byol-tf:1", "--beam-arg=--runner=DataflowRunner"]) == 0
     assert f"Vertex AI pipeline written to {out}" in capsys.readouterr().out
     executors = json.loads(out.read_text())["pipelineSpec"]["deploymentSpec"]["executors"]
@@ -407,18 +412,18 @@ def test_cli_compile_writes_the_vertex_file(tmp_path, capsys):
 
 
 def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
-    from byol_tf import cli
+    from byol_tfx.pipeline import cli
 
-    code = cli.main(["pipeline", "run", "--config", SMOKE, "--set", "train.epochs=0", "--output-dir", str(tmp_path)])
+    code = cli.main(["run", "--config", SMOKE, "--set", "train.epochs=0", "--output-dir", str(tmp_path)])
     assert code == 2
-    assert "byol-tf pipeline: error: train.epochs" in capsys.readouterr().err
+    assert "byol-tf-pipeline run: error: train.epochs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_trainer_backup_dir_is_stable_across_executions_of_the_same_training():
     import types
 
-    from components import trainer_module
+    from byol_tfx.components import trainer_module
 
     def fn_args(execution, config, files):
         return types.SimpleNamespace(

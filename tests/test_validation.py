@@ -9,8 +9,8 @@ from fixtures import images as fx
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
 
-from components import validation
-from components.example_gen import ImageExampleGen, import_example_gen
+from byol_tfx.components import validation
+from byol_tfx.components.example_gen import ImageExampleGen, import_example_gen
 
 import tensorflow_data_validation as tfdv  # noqa: I001 -- after tfx (DESIGN.md)
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
@@ -105,10 +105,11 @@ def test_gate_message_names_split_feature_and_description():
 
 
 def test_validation_components_are_wired_in_order():
-    example_gen = ImageExampleGen(source="mnist5k", image_size=28)
-    parts = validation.validation_components(example_gen.outputs["examples"], num_classes=10, image_size=28)
+    config = fx.config_json(image_size=28, source="mnist5k", num_classes=10)
+    example_gen = ImageExampleGen(config=config)
+    parts = validation.validation_components(example_gen.outputs["examples"], config)
     assert list(parts) == ["statistics_gen", "schema_gen", "example_validator", "validation_gate"]
-    assert parts["schema_gen"].exec_properties["num_classes"] == 10
+    assert parts["schema_gen"].exec_properties["config"] == config
     assert parts["example_validator"].inputs["schema"].producer_component_id == parts["schema_gen"].id
     assert parts["validation_gate"].inputs["anomalies"].producer_component_id == parts["example_validator"].id
     assert parts["validation_gate"].outputs["validated_schema"].type is standard_artifacts.Schema
@@ -126,8 +127,8 @@ def SchemaConsumer(  # noqa: N802 -- stands in for the Trainer: it needs the gat
         stream.write(open(os.path.join(schema.uri, validation.SCHEMA_FILE)).read())
 
 
-def run_pipeline(root, example_gen, **validation_settings):
-    parts = validation.validation_components(example_gen.outputs["examples"], **validation_settings)
+def run_pipeline(root, example_gen, config):
+    parts = validation.validation_components(example_gen.outputs["examples"], config)
     consumer = SchemaConsumer(schema=parts["validation_gate"].outputs["validated_schema"])
     pipeline = tfx.dsl.Pipeline(
         pipeline_name="validation_test",
@@ -158,8 +159,8 @@ def executed_components(root):
 @pytest.mark.slow
 def test_clean_pipeline_passes_the_gate(tmp_path):
     folder = fx.clean_folder(str(tmp_path / "images"), classes=CLASSES, per_class=8)
-    example_gen = ImageExampleGen(source="folder", path=folder, holdout_examples=6, image_size=fx.SIDE)
-    run_pipeline(str(tmp_path), example_gen, image_size=fx.SIDE)
+    config = fx.config_json(source="folder", path=folder, holdout_examples=6)
+    run_pipeline(str(tmp_path), ImageExampleGen(config=config), config)
     assert executed_components(str(tmp_path)) == [
         "ExampleValidator",
         "ImageExampleGen",
@@ -180,7 +181,7 @@ def test_injected_anomalies_stop_the_pipeline_at_the_gate(tmp_path):
     example_gen = import_example_gen(str(data), "train/*", "eval/*")
 
     with pytest.raises(Exception) as error:
-        run_pipeline(str(tmp_path), example_gen, num_classes=CLASSES, image_size=fx.SIDE)
+        run_pipeline(str(tmp_path), example_gen, fx.config_json(source="mnist5k", num_classes=CLASSES))
     message = str(error.value)
     assert "ExampleValidator found 2 anomalies; the pipeline stops before training" in message
     assert "split 'eval', feature 'label': Out-of-range values (Unexpectedly large value: 7.)" in message

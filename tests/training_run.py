@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from byol_tf import callbacks, config as config_lib, data, distribute, training  # noqa: E402
+from byol_tf import checkpointing, config as config_lib, data, distribute, training  # noqa: E402
 
 
 def tiny_config(args) -> config_lib.Config:
@@ -106,7 +106,7 @@ def main():
             config, run_dir=args.run_dir, dataset=dataset_fn, num_examples=80, strategy=strategy,
             extra_callbacks=[PrintSteps()],
         )
-    except callbacks.NonFiniteTrainingError as error:
+    except checkpointing.NonFiniteTrainingError as error:
         print("NONFINITE", error, flush=True)
         sys.exit(3)
     model = result.model

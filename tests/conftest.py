@@ -1,0 +1,23 @@
+"""Shared pytest fixtures. Helper builders live in tests/fixtures/ (images, tiny models)."""
+
+import os
+
+import numpy as np
+import pytest
+
+# tfx.v1 sets TF_USE_LEGACY_KERAS=1 for child processes when imported; the tests, like the
+# entry points, use Keras 3 everywhere.
+os.environ["TF_USE_LEGACY_KERAS"] = "0"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def rng():
+    """A seeded numpy generator: every random input of a test replays."""
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def repo_root():
+    return ROOT
