@@ -150,31 +150,7 @@ def op_variants(view: ViewConfig) -> dict[str, ViewConfig]:
     return variants
 
 
-@tf.autograph.experimental.do_not_convert
-def shifted_sum_gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """The library's blur before 2026-11-30, kept to time against `augment.gaussian_blur`.
-
-    Same kernels and reflect padding; each pass sums 2r+1 shifted, per-image weighted copies,
-    O(taps) full-image passes, which dominated the augmentation at 224 px (r = 11, 23 taps).
-    The library now runs two depthwise convolutions with the batch stacked into channels.
-    """
-    if radius == 0:
-        return images
-    kernels = augment.gaussian_kernels(sigma, radius)
-    for axis in (1, 2):
-        length = tf.shape(images)[axis]
-        positions = tf.abs(tf.range(-radius, length + radius))
-        positions = (length - 1) - tf.abs((length - 1) - positions)
-        padded = tf.gather(images, positions, axis=axis)
-        blurred = 0.0
-        for tap in range(2 * radius + 1):
-            window = padded[:, tap : tap + length] if axis == 1 else padded[:, :, tap : tap + length]
-            blurred = blurred + kernels[:, tap, None, None, None] * window
-        images = blurred
-    return images
-
-
-def op_costs(config, source: str, source_size: int, count: int, reps: int, warmup: int, out) -> list[dict]:
+def op_costs(config, source: str, source_size: int, reps: int, warmup: int, out) -> list[dict]:
     """Where the augmentation time goes: each op alone on one batch, in a tf.function.
 
     Both views get the same variant (view 1's distribution with one op at probability 1),
@@ -185,6 +161,7 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
         images = next(iter(data.load_split(config.data, "train").batch(batch_size)))["image"]
     else:
         images = tf.constant(synthetic_images(batch_size, source_size)["image"])
+    seed = tf.constant([1, 2], tf.int64)
     functions = {}
     for name, view in op_variants(config.augment.view1).items():
         augment_config = dataclasses.replace(config.augment, view1=view, view2=view)
@@ -193,21 +170,7 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
         def run(images, seed, augment_config=augment_config):
             return augment.two_views(images, augment_config, seed)
 
-        seed = tf.constant([1, 2], tf.int64)
         functions[name] = lambda run=run: [view.numpy() for view in run(images, seed)]
-    radius = augment._blur_radius(size)
-    if radius > 0:
-        # The previous library blur, timed like "blur": crops, then every image blurred.
-        crop_config = dataclasses.replace(config.augment, view1=op_variants(config.augment.view1)["crop"],
-                                          view2=op_variants(config.augment.view1)["crop"])
-        blur_sigma = tf.random.stateless_uniform([batch_size], [3, 4], *config.augment.view1.blur_sigma)
-
-        @tf.function
-        def shifted_sum(images, seed):
-            views = augment.two_views(images, crop_config, seed)
-            return [shifted_sum_gaussian_blur(view, blur_sigma, radius) for view in views]
-
-        functions["blur_shifted_sum_previous"] = lambda: [v.numpy() for v in shifted_sum(images, seed)]
     times = common.interleaved(functions, reps, warmup)
     crop = common.median(times["crop"])
     records = []
@@ -252,7 +215,7 @@ def measure(args) -> list[dict]:
         "smoke": args.smoke,
     }
     if args.ops:
-        op_costs(config, args.source, source_size, args.count, args.op_reps, args.warmup, args.out)
+        op_costs(config, args.source, source_size, args.op_reps, args.warmup, args.out)
     pipeline = pipeline_throughput(live, args.blocks, args.batches, args.warmup)
     records = [
         common.record(
