@@ -34,7 +34,7 @@ import keras  # noqa: E402  (after the environment is set)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import tfmodel  # noqa: E402
+from benchmarks import presets, tfmodel  # noqa: E402
 from byol_tf import augment, data  # noqa: E402
 from byol_tf.config import ViewConfig  # noqa: E402
 
@@ -192,12 +192,10 @@ def op_costs(config, source: str, source_size: int, reps: int, warmup: int, out)
 
 
 def measure(args) -> list[dict]:
-    overrides = list(args.set)
+    overrides = presets.config_overrides(args)
     if args.source == "mnist5k":
         overrides += ["data.source=mnist5k", "data.name=null", "data.eval_split=null"]
-    if args.smoke:
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides, args.config)
+    config = presets.load_config(args.encoder, args.batch, args.size, overrides, args.config)
     source_size = args.source_size or args.size
     jit_compile = tfmodel.jit_setting(config, args.jit)
     keras.utils.set_random_seed(0)
@@ -259,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.input_pipeline", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--source", choices=("mnist5k", "synthetic"), default="synthetic")
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(tfmodel.ENCODER_PRESETS),
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(presets.ENCODER_PRESETS),
                         help="its preset gives the view distributions and the model for the fit test")
     parser.add_argument("--size", type=int, default=32, help="view size (augment.image_size)")
     parser.add_argument("--source-size", type=int, default=None, help="synthetic image side (default --size)")
@@ -273,9 +271,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="cached/live fit alternations")
     parser.add_argument("--ops", action="store_true", help="also time each augmentation op alone (augment_op)")
     parser.add_argument("--op-reps", type=int, default=10, help="timed repetitions per op with --ops")
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--config", default=None, help="a config YAML instead of the encoder's preset")
+    presets.add_config_arguments(parser)
     # Warm-up batches also drain the prefetch buffer filled while the iterator started, so
     # the timed batches show the steady-state rate, not buffered ones.
     common.add_common_arguments(parser, reps=None, warmup=5)

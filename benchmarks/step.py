@@ -29,7 +29,7 @@ common.quiet_tensorflow()
 import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import tfmodel  # noqa: E402
+from benchmarks import presets, tfmodel  # noqa: E402
 from byol_tf import byol, losses  # noqa: E402
 
 TARGET_RATIO = 1.10
@@ -95,10 +95,7 @@ def part_functions(model, batch: dict, jit_compile: bool) -> dict:
 
 
 def measure(args) -> list[dict]:
-    overrides = list(args.set)
-    if args.smoke:
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides, args.config)
+    config = presets.load_config(args.encoder, args.batch, args.size, presets.config_overrides(args), args.config)
     jit_compile = tfmodel.jit_setting(config, args.jit)
     keras.utils.set_random_seed(0)
     model = tfmodel.build(config, jit_compile, args.precision)
@@ -171,16 +168,11 @@ def measure(args) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(tfmodel.ENCODER_PRESETS))
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(presets.ENCODER_PRESETS))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--config", default=None, help="a config YAML instead of the encoder's preset")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override (repeatable)"
-    )
-    parser.add_argument(
-        "--jit", choices=("config", "on", "off"), default="config", help="jit_compile (default: the preset's)"
-    )
+    presets.add_config_arguments(parser)
     parser.add_argument(
         "--precision", default=None, help="Keras dtype policy, e.g. mixed_bfloat16 (default: the config's)"
     )
@@ -194,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
+        common.smoke_sizes(args)
         args.encoder = "small_convnet" if args.encoder == "resnet50" else args.encoder
     measure(args)
 

@@ -40,9 +40,8 @@ common.quiet_tensorflow()
 import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import input_pipeline, tfmodel  # noqa: E402
+from benchmarks import input_pipeline, presets, tfmodel  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = ("jit", "precision", "sync_bn")
 SWITCHES = (*IN_PROCESS, "onednn", "interop", "tfdata")
 
@@ -72,10 +71,10 @@ def _current_first(current: bool, names: tuple[str, str], setting) -> dict:
 
 
 def in_process(switch: str, args, base_overrides) -> list[dict]:
-    base = tfmodel.load_config(args.encoder, args.batch, args.size, base_overrides)
+    base = presets.load_config(args.encoder, args.batch, args.size, base_overrides)
     steps, errors, jit_of = {}, {}, {}
     for name, (overrides, options) in settings(switch, base).items():
-        config = tfmodel.load_config(args.encoder, args.batch, args.size, [*base_overrides, *overrides])
+        config = presets.load_config(args.encoder, args.batch, args.size, [*base_overrides, *overrides])
         jit_compile = options.get("jit_compile", tfmodel.jit_setting(config, args.jit))
         jit_of[name] = jit_compile
         keras.utils.set_random_seed(0)
@@ -147,7 +146,7 @@ def environment_switch(switch, args, base_overrides) -> list[dict]:
             env = {key: item for key, item in os.environ.items() if key != variable}
             if value is not None:
                 env[variable] = value
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+            result = subprocess.run(command, cwd=presets.ROOT, env=env, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             if result.returncode != 0 or not lines:
                 errors[name] = f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1][:300] if result.stderr.strip() else ''}"
@@ -163,7 +162,7 @@ def environment_switch(switch, args, base_overrides) -> list[dict]:
 
 def tfdata(args, base_overrides) -> list[dict]:
     """Pipeline-alone throughput under tf.data settings, blocks alternating per setting."""
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, base_overrides)
+    config = presets.load_config(args.encoder, args.batch, args.size, base_overrides)
 
     def options(deterministic=None, private_threads=None):
         value = tf.data.Options()
@@ -204,9 +203,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", default="small_convnet", choices=("small_convnet", "resnet18_cifar"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config",
-                        help="jit_compile for the switches other than jit (default: the preset's)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    presets.add_config_arguments(parser, jit_help="jit_compile for the switches other than jit (default: the preset's)")
     parser.add_argument("--processes", type=int, default=2, help="onednn / interop: processes per setting")
     parser.add_argument("--rounds", type=int, default=3, help="tfdata: blocks per setting")
     parser.add_argument("--batches", type=int, default=20, help="tfdata: timed batches per block")
@@ -219,11 +216,10 @@ def main(argv=None):
     args = parser().parse_args(argv)
     chosen = args.switch or ["all"]
     chosen = list(SWITCHES) if "all" in chosen else chosen
-    overrides = list(args.set)
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
+        common.smoke_sizes(args)
         args.processes, args.rounds, args.batches, args.count = 1, 1, 2, 64
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
+    overrides = presets.config_overrides(args)
     for switch in chosen:
         if switch in IN_PROCESS:
             in_process(switch, args, overrides)

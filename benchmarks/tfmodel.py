@@ -12,14 +12,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-# The config helpers live in presets.py (no TensorFlow import); re-exported for the scripts.
-from benchmarks.presets import (  # noqa: F401
-    ENCODER_PRESETS,
-    ROOT,
-    SCHEDULE_STEPS,
-    SMOKE_OVERRIDES,
-    load_config,
-)
 from benchmarks import presets
 from byol_tf import distribute, training
 from byol_tf import config as config_lib
@@ -71,8 +63,8 @@ def build(config: config_lib.Config, jit_compile: bool, precision: str | None = 
         config = training.model_config(config, strategy)
     policy = precision or distribute.precision_policy(config.distribute, jit_compile)
     with distribute.dtype_policy(policy):
-        model = training.build_model(config, config.train.epochs * SCHEDULE_STEPS, num_classes(config))
-        optimizer = distribute.wrap_optimizer(training.build_optimizer(config, SCHEDULE_STEPS), policy)
+        model = training.build_model(config, config.train.epochs * presets.SCHEDULE_STEPS, num_classes(config))
+        optimizer = distribute.wrap_optimizer(training.build_optimizer(config, presets.SCHEDULE_STEPS), policy)
         model.compile(optimizer=optimizer, jit_compile=jit_compile)
     distribute.prepare_for_fit(model, strategy)
     return model

@@ -15,10 +15,9 @@ import keras
 import pytest
 import tensorflow as tf
 
-from benchmarks import common, report
+from benchmarks import common, peer, presets, report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
+ROOT = presets.ROOT
 FIELDS = ("benchmark", "config", "value", "unit", "median_s", "n", "command", "load_avg_1m", "time")
 
 
@@ -111,9 +110,9 @@ def test_input_pipeline_smoke_mnist5k(capsys, tmp_path):
 
 
 def test_input_pipeline_synthetic_views_have_the_view_size():
-    from benchmarks import input_pipeline, tfmodel
+    from benchmarks import input_pipeline
 
-    config = tfmodel.load_config("resnet18_cifar", 4, 16, list(tfmodel.SMOKE_OVERRIDES))
+    config = presets.load_config("resnet18_cifar", 4, 16, list(presets.SMOKE_OVERRIDES))
     dataset = input_pipeline.make_dataset(config, "synthetic", 24, 16)
     batch = next(iter(dataset))
     assert batch["view1"].shape == (4, 16, 16, 3) and batch["view2"].shape == (4, 16, 16, 3)
@@ -179,9 +178,9 @@ def test_switches_smoke_environment_switches_run_fresh_processes(capsys, tmp_pat
 @pytest.mark.parametrize("jit_compile, default", [("auto", "off"), (True, "on"), (False, "off")])
 def test_jit_switch_starts_from_the_library_default_on_this_machine(jit_compile, default):
     """The first setting is the speedups' baseline: 'auto' means no XLA on these CPU runners."""
-    from benchmarks import switches, tfmodel
+    from benchmarks import switches
 
-    config = tfmodel.load_config("resnet18_cifar", 4, 16, [f"train.jit_compile={str(jit_compile).lower()}"])
+    config = presets.load_config("resnet18_cifar", 4, 16, [f"train.jit_compile={str(jit_compile).lower()}"])
     assert list(switches.settings("jit", config)) == [default, "on" if default == "off" else "off"]
 
 
@@ -191,7 +190,7 @@ def test_benchmark_model_follows_the_one_replica_batchnorm_rule(one_replica_rule
     for synchronised BN; the sync_bn switch opts out to measure both."""
     from benchmarks import tfmodel
 
-    config = tfmodel.load_config("small_convnet", 4, 16, [*tfmodel.SMOKE_OVERRIDES, "network.sync_batchnorm=true"])
+    config = presets.load_config("small_convnet", 4, 16, [*presets.SMOKE_OVERRIDES, "network.sync_batchnorm=true"])
     model = tfmodel.build(config, jit_compile=False, one_replica_rule=one_replica_rule)
     norms = [
         layer
@@ -229,7 +228,9 @@ def test_gpu_step_script_runs_the_four_settings(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)")
+@pytest.mark.skipif(
+    not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
+)
 def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
     out = tmp_path / "peer.jsonl"
     result = subprocess.run(
