@@ -19,7 +19,7 @@ Fresh-process switches (environment variables read when TensorFlow starts), alte
 - `interop`: TF_NUM_INTEROP_THREADS unset (= cores) / 1: whether running independent graph
   branches (the two views, online and target) concurrently helps or oversubscribes.
 Input pipeline switch (pipeline alone, fresh iterators, settings alternating per block):
-- `tfdata`: num_parallel_calls AUTOTUNE / 1 / 2, deterministic order on / off, a private
+- `tfdata`: num_parallel_calls AUTOTUNE / 1 / `nproc`, deterministic order on / off, a private
   thread pool of `nproc` threads.
 
 A setting that fails (e.g. bfloat16 on a machine without it) is reported with its error, not hidden.

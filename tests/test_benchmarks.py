@@ -195,7 +195,7 @@ def test_benchmark_model_follows_the_one_replica_batchnorm_rule(one_replica_rule
     norms = [
         layer
         for net in (model.online_encoder, model.online_projector, model.predictor)
-        for layer in net._flatten_layers()
+        for layer in net.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     assert norms
