@@ -24,14 +24,8 @@ from typing import Callable, Mapping
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or the platform's answer elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    value = _proc_field("/proc/cpuinfo", "model name")
+    return value or platform.processor() or "unknown"
 
 
 def usable_cores() -> int:
@@ -72,11 +66,18 @@ def gpus() -> list[str]:
 
 
 def _memory_gib() -> float | None:
+    value = _proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
+    return round(int(value.split()[0]) / 2**20, 1) if value else None
+
+
+def _proc_field(path: str, name: str) -> str | None:
+    """The value of the first `name: value` line of a /proc file; None where there is none."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as stream:
+        with open(path, encoding="utf-8") as stream:
             for line in stream:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return None
@@ -174,6 +175,15 @@ def interleaved(
     return times
 
 
+# Head widths (projector hidden, projection, predictor hidden) of a seconds-long --smoke run.
+SMOKE_HEADS = (32, 16, 32)
+
+
+def smoke_sizes(args):
+    """--smoke: at most 8 images of at most 16 px, 2 timed repetitions after 1 warm-up."""
+    args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, reps: int | None = 10, warmup: int = 3):
     """--reps (unless None), --warmup, --out and --smoke, the same in every benchmark script."""
     if reps is not None:
@@ -244,7 +254,8 @@ def serve(step: Callable[[], object], info: Mapping, warmup: int) -> None:
         send("times", times)
 
 
-def _versions(packages) -> dict:
+def versions(packages) -> dict:
+    """{package: installed version} of those installed."""
     from importlib import metadata
 
     found = {}
@@ -264,7 +275,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     record(
         "machine", machine(), usable_cores(), "cores", None, 1, args.out,
-        versions=_versions(("tensorflow", "keras", "keras-cv", "numpy", "torch", "torchvision", "lightly")),
+        versions=versions(("tensorflow", "keras", "keras-cv", "numpy", "torch", "torchvision", "lightly")),
         load_avg=list(os.getloadavg()),
         onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         note=args.note,

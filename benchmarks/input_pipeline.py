@@ -34,7 +34,7 @@ import keras  # noqa: E402  (after the environment is set)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import tfmodel  # noqa: E402
+from benchmarks import presets, tfmodel  # noqa: E402
 from byol_tf import augment, data  # noqa: E402
 from byol_tf.config import ViewConfig  # noqa: E402
 
@@ -150,31 +150,7 @@ def op_variants(view: ViewConfig) -> dict[str, ViewConfig]:
     return variants
 
 
-@tf.autograph.experimental.do_not_convert
-def shifted_sum_gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """The library's blur before 2026-11-30, kept to time against `augment.gaussian_blur`.
-
-    Same kernels and reflect padding; each pass sums 2r+1 shifted, per-image weighted copies,
-    O(taps) full-image passes, which dominated the augmentation at 224 px (r = 11, 23 taps).
-    The library now runs two depthwise convolutions with the batch stacked into channels.
-    """
-    if radius == 0:
-        return images
-    kernels = augment.gaussian_kernels(sigma, radius)
-    for axis in (1, 2):
-        length = tf.shape(images)[axis]
-        positions = tf.abs(tf.range(-radius, length + radius))
-        positions = (length - 1) - tf.abs((length - 1) - positions)
-        padded = tf.gather(images, positions, axis=axis)
-        blurred = 0.0
-        for tap in range(2 * radius + 1):
-            window = padded[:, tap : tap + length] if axis == 1 else padded[:, :, tap : tap + length]
-            blurred = blurred + kernels[:, tap, None, None, None] * window
-        images = blurred
-    return images
-
-
-def op_costs(config, source: str, source_size: int, count: int, reps: int, warmup: int, out) -> list[dict]:
+def op_costs(config, source: str, source_size: int, reps: int, warmup: int, out) -> list[dict]:
     """Where the augmentation time goes: each op alone on one batch, in a tf.function.
 
     Both views get the same variant (view 1's distribution with one op at probability 1),
@@ -185,6 +161,7 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
         images = next(iter(data.load_split(config.data, "train").batch(batch_size)))["image"]
     else:
         images = tf.constant(synthetic_images(batch_size, source_size)["image"])
+    seed = tf.constant([1, 2], tf.int64)
     functions = {}
     for name, view in op_variants(config.augment.view1).items():
         augment_config = dataclasses.replace(config.augment, view1=view, view2=view)
@@ -193,21 +170,7 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
         def run(images, seed, augment_config=augment_config):
             return augment.two_views(images, augment_config, seed)
 
-        seed = tf.constant([1, 2], tf.int64)
         functions[name] = lambda run=run: [view.numpy() for view in run(images, seed)]
-    radius = augment._blur_radius(size)
-    if radius > 0:
-        # The previous library blur, timed like "blur": crops, then every image blurred.
-        crop_config = dataclasses.replace(config.augment, view1=op_variants(config.augment.view1)["crop"],
-                                          view2=op_variants(config.augment.view1)["crop"])
-        blur_sigma = tf.random.stateless_uniform([batch_size], [3, 4], *config.augment.view1.blur_sigma)
-
-        @tf.function
-        def shifted_sum(images, seed):
-            views = augment.two_views(images, crop_config, seed)
-            return [shifted_sum_gaussian_blur(view, blur_sigma, radius) for view in views]
-
-        functions["blur_shifted_sum_previous"] = lambda: [v.numpy() for v in shifted_sum(images, seed)]
     times = common.interleaved(functions, reps, warmup)
     crop = common.median(times["crop"])
     records = []
@@ -229,12 +192,10 @@ def op_costs(config, source: str, source_size: int, count: int, reps: int, warmu
 
 
 def measure(args) -> list[dict]:
-    overrides = list(args.set)
+    overrides = presets.config_overrides(args)
     if args.source == "mnist5k":
         overrides += ["data.source=mnist5k", "data.name=null", "data.eval_split=null"]
-    if args.smoke:
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides, args.config)
+    config = presets.load_config(args.encoder, args.batch, args.size, overrides, args.config)
     source_size = args.source_size or args.size
     jit_compile = tfmodel.jit_setting(config, args.jit)
     keras.utils.set_random_seed(0)
@@ -252,7 +213,7 @@ def measure(args) -> list[dict]:
         "smoke": args.smoke,
     }
     if args.ops:
-        op_costs(config, args.source, source_size, args.count, args.op_reps, args.warmup, args.out)
+        op_costs(config, args.source, source_size, args.op_reps, args.warmup, args.out)
     pipeline = pipeline_throughput(live, args.blocks, args.batches, args.warmup)
     records = [
         common.record(
@@ -296,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.input_pipeline", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--source", choices=("mnist5k", "synthetic"), default="synthetic")
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(tfmodel.ENCODER_PRESETS),
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(presets.ENCODER_PRESETS),
                         help="its preset gives the view distributions and the model for the fit test")
     parser.add_argument("--size", type=int, default=32, help="view size (augment.image_size)")
     parser.add_argument("--source-size", type=int, default=None, help="synthetic image side (default --size)")
@@ -310,9 +271,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="cached/live fit alternations")
     parser.add_argument("--ops", action="store_true", help="also time each augmentation op alone (augment_op)")
     parser.add_argument("--op-reps", type=int, default=10, help="timed repetitions per op with --ops")
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--config", default=None, help="a config YAML instead of the encoder's preset")
+    presets.add_config_arguments(parser)
     # Warm-up batches also drain the prefetch buffer filled while the iterator started, so
     # the timed batches show the steady-state rate, not buffered ones.
     common.add_common_arguments(parser, reps=None, warmup=5)

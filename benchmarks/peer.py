@@ -28,8 +28,7 @@ import time
 
 from benchmarks import common, presets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
+TORCH_PYTHON = os.path.join(presets.ROOT, "benchmarks", ".venv-torch", "bin", "python")
 TARGET_SPEEDUP = 1.3
 
 
@@ -40,7 +39,7 @@ class Worker:
         self.name = name
         self.process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=presets.ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # inherit: library warnings reach the console, not the protocol
@@ -82,16 +81,10 @@ def tf_worker(args):
 
     from benchmarks import tfmodel
 
-    overrides = list(args.set)
-    if args.heads:
-        overrides += [
-            f"network.projector_hidden_dim={args.heads[0]}",
-            f"network.projection_dim={args.heads[1]}",
-            f"network.predictor_hidden_dim={args.heads[2]}",
-        ]
+    overrides = [*args.set, *(presets.head_overrides(args.heads) if args.heads else ())]
     if args.optimizer != "lars":
         overrides.append(f"optimizer.name={args.optimizer}")
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides)
+    config = presets.load_config(args.encoder, args.batch, args.size, overrides)
     jit_compile = tfmodel.jit_setting(config, args.jit)
     model = tfmodel.build(config, jit_compile)
     batch = tfmodel.synthetic_batch(args.batch, args.size, tfmodel.num_classes(config))
@@ -184,7 +177,7 @@ def drive(args) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.split("\n\n")[0])
     common.add_peer_arguments(parser, ("resnet18_cifar", "small_convnet"), "the encoder's preset")
-    parser.add_argument("--jit", choices=("config", "on", "off"), nargs="+", default=["config"],
+    parser.add_argument("--jit", choices=presets.JIT_CHOICES, nargs="+", default=["config"],
                         help="byol-tf jit_compile; several values start one byol-tf worker each (one lightly)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="byol-tf config override (repeatable)")
@@ -199,8 +192,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup, args.pause = min(args.batch, 8), min(args.size, 16), 2, 1, 0.0
-        args.heads = args.heads or [32, 16, 32]
+        common.smoke_sizes(args)
+        args.pause, args.heads = 0.0, args.heads or list(common.SMOKE_HEADS)
     if args.worker_tf:
         (args.jit,) = args.jit
         tf_worker(args)

@@ -26,9 +26,8 @@ import math
 
 from benchmarks import common
 
-# The presets of benchmarks.tfmodel, repeated here because this venv has no byol_tf.
+# The encoder presets' heads (benchmarks.presets), repeated here because this venv has no byol_tf.
 HEADS = {"resnet18_cifar": (4096, 256, 4096), "small_convnet": (1024, 128, 1024)}
-SMOKE_HEADS = (32, 16, 32)
 
 
 def build_backbone(encoder: str):
@@ -123,11 +122,12 @@ def build_step(encoder: str, batch: int, size: int, heads, optimizer_name: str, 
             raise FloatingPointError(f"lightly BYOL loss is {value}")
         return value
 
+    versions = common.versions(("lightly", "torchvision"))
     description = {
         "library": "lightly",
-        "lightly": _version("lightly"),
+        "lightly": versions.get("lightly", "unknown"),
         "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
+        "torchvision": versions.get("torchvision", "unknown"),
         "torch_threads": torch.get_num_threads(),
         "encoder": encoder,
         "batch": batch,
@@ -136,15 +136,6 @@ def build_step(encoder: str, batch: int, size: int, heads, optimizer_name: str, 
         "optimizer": optimizer_name,
     }
     return step, description
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -162,8 +153,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     heads = tuple(args.heads or HEADS[args.encoder])
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
-        heads = SMOKE_HEADS
+        common.smoke_sizes(args)
+        heads = common.SMOKE_HEADS
     step, description = build_step(args.encoder, args.batch, args.size, heads, args.optimizer)
     description["smoke"] = args.smoke
     if args.serve:

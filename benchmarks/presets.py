@@ -1,12 +1,15 @@
-"""Benchmark configs: an encoder's preset YAML with batch, image size and overrides set.
+"""Benchmark configs: an encoder's preset YAML with batch, image size and overrides set,
+and the command-line arguments (--jit, --set, --smoke's heads) that choose them.
 
 Free of TensorFlow imports, so drivers that only start worker processes stay light.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
+from benchmarks import common
 from byol_tf import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,14 +20,35 @@ ENCODER_PRESETS = {
     "resnet18_cifar": "configs/cifar10_resnet18.yaml",
     "resnet50": "configs/imagenet_resnet50.yaml",
 }
-# Heads small enough for a seconds-long smoke run.
-SMOKE_OVERRIDES = (
-    "network.projector_hidden_dim=32",
-    "network.projection_dim=16",
-    "network.predictor_hidden_dim=32",
-)
+JIT_CHOICES = ("config", "on", "off")
 # Steps per epoch of the LR / tau schedules: any value works, timing does not depend on it.
 SCHEDULE_STEPS = 1000
+
+
+def head_overrides(heads) -> list[str]:
+    """(projector hidden, projection, predictor hidden) widths as config overrides."""
+    projector_hidden, projection, predictor_hidden = heads
+    return [
+        f"network.projector_hidden_dim={projector_hidden}",
+        f"network.projection_dim={projection}",
+        f"network.predictor_hidden_dim={predictor_hidden}",
+    ]
+
+
+SMOKE_OVERRIDES = tuple(head_overrides(common.SMOKE_HEADS))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, jit_help: str = "jit_compile (default: the preset's)"):
+    """--jit and --set, which `jit_setting` and `config_overrides` read."""
+    parser.add_argument("--jit", choices=JIT_CHOICES, default="config", help=jit_help)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override (repeatable)"
+    )
+
+
+def config_overrides(args) -> list[str]:
+    """The --set overrides, with the smoke heads under --smoke."""
+    return [*args.set, *(SMOKE_OVERRIDES if args.smoke else ())]
 
 
 def load_config(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every byol-tf benchmark in sequence, then writes benchmarks/RESULTS.md and the plot.
 #
-#   benchmarks/run_all.sh                 # about 25 minutes on a quiet 2-core machine
+#   benchmarks/run_all.sh                 # about 25 minutes on a quiet 2-core machine (timed with the
+#                                         # prototypes since removed: less now)
 #   benchmarks/run_all.sh --note "text"   # kept in the results' machine record
 #
 # Appends one JSON line per measurement to benchmarks/results/<UTC date>.jsonl (or $BENCH_OUT),
@@ -39,7 +40,7 @@ step() {  # step TITLE COMMAND...: runs one benchmark, appending to $out, and sa
 
 # 1. Full step versus its parts: the demo net (mnist5k preset) and ResNet-18 (CIFAR preset).
 step "step small_convnet" "$py" -m benchmarks.step --encoder small_convnet --batch 128 --size 28
-step "step resnet18" "$py" -m benchmarks.step --encoder resnet18_cifar --batch 128 --size 32 --prototype sequential_views
+step "step resnet18" "$py" -m benchmarks.step --encoder resnet18_cifar --batch 128 --size 32
 
 # 2. Versus lightly (PyTorch), alternating steps, ResNet-18 CIFAR stem, 4096/256 heads; byol-tf with the
 #    preset's XLA setting and without (XLA on CPU compiles convolutions without oneDNN).
@@ -58,7 +59,7 @@ step "input 224px" "$py" -m benchmarks.input_pipeline --source synthetic --encod
 #    CPU in the preliminary runs); tf.data at 32 px.
 step "switches small_convnet" "$py" -m benchmarks.switches --encoder small_convnet --batch 128 --size 28 --processes 1
 step "switches resnet18" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 32 --size 32 --reps 6 \
-  --warmup 2 --jit off --processes 1 --switch jit --switch sync_bn --switch fused_bn --switch precision --switch interop
+  --warmup 2 --jit off --processes 1 --switch jit --switch sync_bn --switch precision --switch interop
 step "switches tf.data 32px" "$py" -m benchmarks.switches --encoder resnet18_cifar --batch 128 --size 32 --switch tfdata
 
 # 5. Scaling: step time versus batch size and image size (ResNet-18 without XLA: six XLA compilations

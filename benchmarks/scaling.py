@@ -22,14 +22,14 @@ common.quiet_tensorflow()
 import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import tfmodel  # noqa: E402
+from benchmarks import presets, tfmodel  # noqa: E402
 
 
 def sweep(args, name: str, points: list[tuple[int, int]], overrides) -> list[dict]:
     """Times the train step at each (batch, size) point, interleaved."""
     steps, jit_of = {}, {}
     for batch, size in points:
-        config = tfmodel.load_config(args.encoder, batch, size, overrides)
+        config = presets.load_config(args.encoder, batch, size, overrides)
         jit_compile = tfmodel.jit_setting(config, args.jit)
         keras.utils.set_random_seed(0)
         model = tfmodel.build(config, jit_compile)
@@ -56,25 +56,23 @@ def sweep(args, name: str, points: list[tuple[int, int]], overrides) -> list[dic
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="small_convnet", choices=sorted(tfmodel.ENCODER_PRESETS))
+    parser.add_argument("--encoder", default="small_convnet", choices=sorted(presets.ENCODER_PRESETS))
     parser.add_argument("--batches", type=int, nargs="*", default=[32, 64, 128, 256, 512])
     parser.add_argument("--batch-sweep-size", type=int, default=28, help="image size of the batch sweep")
     parser.add_argument("--sizes", type=int, nargs="*", default=[16, 28, 32, 64])
     parser.add_argument("--size-sweep-batch", type=int, default=128, help="batch of the image-size sweep")
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    presets.add_config_arguments(parser)
     common.add_common_arguments(parser, reps=5, warmup=2)
     return parser
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    overrides = list(args.set)
     if args.smoke:
         args.batches, args.batch_sweep_size = [4, 8], 16
         args.sizes, args.size_sweep_batch = [12, 16], 4
         args.reps, args.warmup = 2, 1
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
+    overrides = presets.config_overrides(args)
     if args.batches:
         sweep(args, "batch", [(batch, args.batch_sweep_size) for batch in args.batches], overrides)
     if args.sizes:

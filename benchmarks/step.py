@@ -15,9 +15,6 @@ hits each alike. Prints two JSON lines: `step` (images/s of the full step; an im
 source image, i.e. a pair of views) and `step_vs_parts` (full / sum of the parts' medians;
 target <= 1.10). A ratio above 1 is what the step does beyond its parts (the online probe,
 metrics, schedules, Keras' wrapper) plus what the parts gain from running alone.
-
-`--prototype` times prototypes of library changes side by side with the library's step
-(see `PROTOTYPES`; a `step_prototype` line each); they never change `byol_tf`.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ common.quiet_tensorflow()
 import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import tfmodel  # noqa: E402
+from benchmarks import presets, tfmodel  # noqa: E402
 from byol_tf import byol, losses  # noqa: E402
 
 TARGET_RATIO = 1.10
@@ -97,50 +94,8 @@ def part_functions(model, batch: dict, jit_compile: bool) -> dict:
     }
 
 
-class SequentialViewsBYOL(byol.BYOLModel):
-    """Prototype of a train-step change: each view's online gradient on its own tape.
-
-    BYOL's symmetric loss splits exactly: loss(p1, z2) depends on view 1's online pass only,
-    loss(p2, z1) on view 2's. The library differentiates both in one tape, so the
-    activations of both views' online passes are alive together; here view 2's pass starts
-    after view 1's gradients exist (a control dependency), halving the live activations at
-    no extra FLOPs. Same gradients, BN updates, probe and metrics as the library's step.
-    """
-
-    def _gradients(self, data, global_batch, trainable):
-        view1, view2 = data["view1"], data["view2"]
-        target_z1, target_z2 = self.target_projection(view1), self.target_projection(view2)
-        with tf.GradientTape() as tape:
-            representation1, online_z1, prediction1 = self.online_forward(view1)
-            loss1 = tf.reduce_sum(losses.regression_loss(prediction1, target_z2))
-            total = loss1 / global_batch
-            if self.probe is not None:
-                probe_loss_sum, probe_correct, labelled = self._probe_terms(representation1, data.get("label"))
-                total += probe_loss_sum / global_batch
-            scaled = self.optimizer.scale_loss(total)
-        first = tape.gradient(scaled, trainable)
-        with tf.control_dependencies([gradient for gradient in first if gradient is not None]):
-            view2 = tf.identity(view2)
-        with tf.GradientTape() as tape:
-            _, _, prediction2 = self.online_forward(view2)
-            loss2 = tf.reduce_sum(losses.regression_loss(prediction2, target_z1))
-            scaled = self.optimizer.scale_loss(loss2 / global_batch)
-        second = tape.gradient(scaled, trainable)
-        gradients = [a if b is None else b if a is None else a + b for a, b in zip(first, second)]
-        sums = {"loss": loss1 + loss2, "moments": byol._projection_moments(online_z1)}
-        if self.probe is not None:
-            sums["probe"] = {"loss": probe_loss_sum, "correct": probe_correct, "count": labelled}
-        return gradients, sums
-
-
-PROTOTYPES = {"sequential_views": SequentialViewsBYOL}
-
-
 def measure(args) -> list[dict]:
-    overrides = list(args.set)
-    if args.smoke:
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, overrides, args.config)
+    config = presets.load_config(args.encoder, args.batch, args.size, presets.config_overrides(args), args.config)
     jit_compile = tfmodel.jit_setting(config, args.jit)
     keras.utils.set_random_seed(0)
     model = tfmodel.build(config, jit_compile, args.precision)
@@ -152,10 +107,6 @@ def measure(args) -> list[dict]:
     functions["full_step"]()
     if args.parts:
         functions.update(part_functions(model, batch, jit_compile))
-    for name in args.prototype:
-        keras.utils.set_random_seed(0)
-        prototype = tfmodel.build(config, jit_compile, args.precision, model_class=PROTOTYPES[name])
-        functions[f"prototype_{name}"] = tfmodel.train_step_function(prototype, dataset)
     times = common.interleaved(functions, args.reps, args.warmup)
     full = common.median(times["full_step"])
     description = {
@@ -190,29 +141,9 @@ def measure(args) -> list[dict]:
             step_times_s=times["full_step"],
         )
     ]
-    for name in args.prototype:
-        prototype = common.median(times[f"prototype_{name}"])
-        records.append(
-            common.record(
-                "step_prototype",
-                {**description, "prototype": name},
-                args.batch / prototype,
-                "images/s",
-                prototype,
-                args.reps,
-                args.out,
-                speedup=full / prototype,
-                library_median_s=full,
-                step_times_s=times[f"prototype_{name}"],
-            )
-        )
     if not args.parts:
         return records
-    medians = {
-        name: common.median(values)
-        for name, values in times.items()
-        if name != "full_step" and not name.startswith("prototype_")
-    }
+    medians = {name: common.median(values) for name, values in times.items() if name != "full_step"}
     parts_sum = sum(medians.values())
     per_rep_ratios = [
         times["full_step"][rep] / sum(times[name][rep] for name in medians) for rep in range(args.reps)
@@ -237,25 +168,16 @@ def measure(args) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(tfmodel.ENCODER_PRESETS))
+    parser.add_argument("--encoder", default="resnet18_cifar", choices=sorted(presets.ENCODER_PRESETS))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--config", default=None, help="a config YAML instead of the encoder's preset")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override (repeatable)"
-    )
-    parser.add_argument(
-        "--jit", choices=("config", "on", "off"), default="config", help="jit_compile (default: the preset's)"
-    )
+    presets.add_config_arguments(parser)
     parser.add_argument(
         "--precision", default=None, help="Keras dtype policy, e.g. mixed_bfloat16 (default: the config's)"
     )
     parser.add_argument(
         "--no-parts", dest="parts", action="store_false", help="time the full step only (no step_vs_parts line)"
-    )
-    parser.add_argument(
-        "--prototype", action="append", default=[], choices=sorted(PROTOTYPES),
-        help="also time this train-step prototype, interleaved (a step_prototype line each)",
     )
     common.add_common_arguments(parser)
     return parser
@@ -264,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
+        common.smoke_sizes(args)
         args.encoder = "small_convnet" if args.encoder == "resnet50" else args.encoder
     measure(args)
 

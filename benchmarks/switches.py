@@ -13,22 +13,16 @@ In-process switches build one model per setting and alternate their steps (A B A
 - `sync_bn`: `network.sync_batchnorm` true / false on ONE device. Keras' synchronized BN
   takes a slower path (sums, an all-reduce and a full-size `ones_like` count per layer)
   whenever a replica context exists, which includes the default strategy.
-- `layout`: channels_last / channels_first. The library's encoders take NHWC only, so both
-  settings use `local_encoder` below, the library's small_convnet / resnet18_cifar rebuilt
-  with a `data_format` (same layers, names and parameter count).
-- `fused_bn`: prototype: the library's encoder with Keras' BatchNormalization (moments +
-  batch_normalization, several ops per layer) versus `FusedBatchNormalization` below (TF's
-  one-op FusedBatchNormV3 kernel forward and backward).
 Fresh-process switches (environment variables read when TensorFlow starts), alternating
 `python -m benchmarks.step --no-parts` processes:
 - `onednn`: TF_ENABLE_ONEDNN_OPTS=1 / 0.
 - `interop`: TF_NUM_INTEROP_THREADS unset (= cores) / 1: whether running independent graph
   branches (the two views, online and target) concurrently helps or oversubscribes.
 Input pipeline switch (pipeline alone, fresh iterators, settings alternating per block):
-- `tfdata`: num_parallel_calls AUTOTUNE / 1 / 2, deterministic order on / off, a private
+- `tfdata`: num_parallel_calls AUTOTUNE / 1 / `nproc`, deterministic order on / off, a private
   thread pool of `nproc` threads.
 
-A setting that fails (e.g. NCHW convolutions on CPU) is reported with its error, not hidden.
+A setting that fails (e.g. bfloat16 on a machine without it) is reported with its error, not hidden.
 """
 
 from __future__ import annotations
@@ -46,110 +40,10 @@ common.quiet_tensorflow()
 import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import input_pipeline, tfmodel  # noqa: E402
-from byol_tf import networks  # noqa: E402
+from benchmarks import input_pipeline, presets, tfmodel  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IN_PROCESS = ("jit", "precision", "sync_bn", "layout", "fused_bn")
+IN_PROCESS = ("jit", "precision", "sync_bn")
 SWITCHES = (*IN_PROCESS, "onednn", "interop", "tfdata")
-
-
-# ------------------------------------------------------------------ prototype layers
-
-
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """Prototype: Keras BatchNormalization computed by TF's fused kernel on 4-D inputs.
-
-    Same variables, momentum convention and (biased) moving variance as Keras' layer, so it
-    is a drop-in replacement; other ranks, masks and synchronized BN fall back to Keras.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if len(inputs.shape) != 4 or mask is not None or self.synchronized or inputs.dtype != tf.float32:
-            return super().call(inputs, training=training, mask=mask)
-        data_format = "NHWC" if self.axis in (-1, 3) else "NCHW"
-        if training and self.trainable:
-            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format=data_format, is_training=True
-            )
-            # The kernel returns the unbiased batch variance; Keras keeps the biased one.
-            count = tf.cast(tf.size(inputs) // tf.size(mean), tf.float32)
-            variance = variance * (count - 1.0) / count
-            momentum = tf.cast(self.momentum, tf.float32)
-            self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-            self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
-            return outputs
-        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            inputs,
-            self.gamma,
-            self.beta,
-            mean=self.moving_mean,
-            variance=self.moving_variance,
-            epsilon=self.epsilon,
-            data_format=data_format,
-            is_training=False,
-        )
-        return outputs
-
-
-def local_encoder(config, image_size: int, data_format: str = "channels_last", batch_norm=None, name="encoder"):
-    """The library's small_convnet / resnet18_cifar, rebuilt with a data format and BN class.
-
-    Mirrors `byol_tf.networks` layer for layer (names included, so LARS excludes the same
-    variables); the input stays NHWC [B, S, S, 3] in [0, 1] and is transposed once after
-    normalisation when `data_format` is channels_first.
-    """
-    batch_norm = batch_norm or keras.layers.BatchNormalization
-    channel_axis = -1 if data_format == "channels_last" else 1
-    net = config.network
-
-    def norm(prefix):
-        return batch_norm(
-            axis=channel_axis,
-            momentum=net.batchnorm_momentum,
-            epsilon=net.batchnorm_epsilon,
-            synchronized=net.sync_batchnorm,
-            name=prefix,
-        )
-
-    def conv_bn(x, filters, kernel, strides, prefix, relu=True):
-        x = keras.layers.Conv2D(
-            filters, kernel, strides=strides, padding="same", use_bias=False, kernel_initializer="he_normal",
-            data_format=data_format, name=f"{prefix}_conv",
-        )(x)
-        x = norm(f"{prefix}_bn")(x)
-        return keras.layers.ReLU(name=f"{prefix}_relu")(x) if relu else x
-
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
-    x = keras.layers.Normalization(
-        axis=-1,
-        mean=list(networks.IMAGENET_MEAN),
-        variance=[std**2 for std in networks.IMAGENET_STD],
-        name=networks.NORMALIZATION_LAYER_NAME,
-    )(inputs)
-    if data_format == "channels_first":
-        x = keras.layers.Permute((3, 1, 2), name="to_nchw")(x)
-    width = net.width_multiplier
-    if net.encoder == "small_convnet":
-        for index, (filters, strides) in enumerate(networks.SMALL_CONVNET_LAYERS, start=1):
-            x = conv_bn(x, filters * width, 3, strides, f"layer{index}")
-    elif net.encoder == "resnet18_cifar":
-        x = conv_bn(x, networks.RESNET18_WIDTHS[0] * width, 3, 1, "stem")
-        stages = zip(networks.RESNET18_BLOCKS, networks.RESNET18_WIDTHS)
-        for stage, (blocks, filters) in enumerate(stages, start=1):
-            for block in range(1, blocks + 1):
-                strides = 2 if stage > 1 and block == 1 else 1
-                prefix = f"stage{stage}_block{block}"
-                shortcut = x
-                if strides != 1 or x.shape[channel_axis] != filters * width:
-                    shortcut = conv_bn(x, filters * width, 1, strides, f"{prefix}_shortcut", relu=False)
-                y = conv_bn(x, filters * width, 3, strides, f"{prefix}_1")
-                y = conv_bn(y, filters * width, 3, 1, f"{prefix}_2", relu=False)
-                x = keras.layers.ReLU(name=f"{prefix}_out")(keras.layers.Add(name=f"{prefix}_add")([shortcut, y]))
-    else:
-        raise ValueError(f"--encoder: no local prototype of {net.encoder!r} (small_convnet, resnet18_cifar)")
-    outputs = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
-    return keras.Model(inputs, outputs, name=name)
 
 
 # ------------------------------------------------------------------ in-process switches
@@ -157,47 +51,35 @@ def local_encoder(config, image_size: int, data_format: str = "channels_last", b
 
 def settings(switch: str, config) -> dict:
     """{setting name: (config overrides, build kwargs)}; the first setting is the default."""
-    size = config.augment.image_size
-    jit_default = "on" if tfmodel.jit_setting(config, "config") else "off"  # 'auto' resolved for this machine
     if switch == "jit":
-        other = "off" if jit_default == "on" else "on"
-        return {jit_default: ((), {"jit_compile": jit_default == "on"}), other: ((), {"jit_compile": other == "on"})}
+        current = tfmodel.jit_setting(config, "config")  # 'auto' resolved for this machine
+        return _current_first(current, ("off", "on"), lambda name, on: ((), {"jit_compile": on}))
     if switch == "precision":
         return {"float32": ((), {"precision": "float32"}), "mixed_bfloat16": ((), {"precision": "mixed_bfloat16"})}
     if switch == "sync_bn":
-        current = "true" if tfmodel.sync_batchnorm(config) else "false"  # what training builds here
-        other = "false" if current == "true" else "true"
-        return {current: ((f"network.sync_batchnorm={current}",), {}), other: ((f"network.sync_batchnorm={other}",), {})}
-    if switch == "layout":
-        return {
-            layout: ((), {"encoder": lambda cfg, layout=layout: local_encoder(cfg, size, layout)})
-            for layout in ("channels_last", "channels_first")
-        }
-    if switch == "fused_bn":
-        return {
-            "keras_bn": ((), {}),
-            "fused_bn": ((), {"encoder": lambda cfg: local_encoder(cfg, size, batch_norm=FusedBatchNormalization)}),
-        }
+        current = tfmodel.sync_batchnorm(config)  # what training builds here
+        return _current_first(current, ("false", "true"), lambda name, on: ((f"network.sync_batchnorm={name}",), {}))
     raise ValueError(f"--switch: {switch!r} is not an in-process switch")
 
 
+def _current_first(current: bool, names: tuple[str, str], setting) -> dict:
+    """A boolean switch's two settings, the library's current one first (the speedups' baseline).
+
+    `names` are the (False, True) settings' names; `setting(name, value)` gives one's entry.
+    """
+    return {names[value]: setting(names[value], value) for value in (current, not current)}
+
+
 def in_process(switch: str, args, base_overrides) -> list[dict]:
-    base = tfmodel.load_config(args.encoder, args.batch, args.size, base_overrides)
+    base = presets.load_config(args.encoder, args.batch, args.size, base_overrides)
     steps, errors, jit_of = {}, {}, {}
     for name, (overrides, options) in settings(switch, base).items():
-        config = tfmodel.load_config(args.encoder, args.batch, args.size, [*base_overrides, *overrides])
+        config = presets.load_config(args.encoder, args.batch, args.size, [*base_overrides, *overrides])
         jit_compile = options.get("jit_compile", tfmodel.jit_setting(config, args.jit))
         jit_of[name] = jit_compile
         keras.utils.set_random_seed(0)
         try:
-            build_encoder = options.get("encoder")
-            model = tfmodel.build(
-                config,
-                jit_compile,
-                options.get("precision"),
-                build_encoder=(lambda cfg=config, make=build_encoder: make(cfg)) if build_encoder else None,
-                one_replica_rule=switch != "sync_bn",
-            )
+            model = tfmodel.build(config, jit_compile, options.get("precision"), one_replica_rule=switch != "sync_bn")
             batch = tfmodel.synthetic_batch(args.batch, args.size, tfmodel.num_classes(config))
             step = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())
             step()  # traces / compiles; a setting the machine cannot run fails here
@@ -208,8 +90,7 @@ def in_process(switch: str, args, base_overrides) -> list[dict]:
     return report(switch, args, times, errors, extra_config=lambda name: {"jit_compile": jit_of[name]})
 
 
-def report(switch, args, times: dict, errors: dict, default: str | None = None, extra_config=None, unit="images/s",
-           images_per_item=None) -> list[dict]:
+def report(switch, args, times: dict, errors: dict, default: str | None = None, extra_config=None) -> list[dict]:
     """One `switch` record per setting, with its speedup over the default (first) setting."""
     names = list(times) + [name for name in errors if name not in times]
     default = default or names[0]
@@ -222,13 +103,12 @@ def report(switch, args, times: dict, errors: dict, default: str | None = None, 
             **(extra_config(name) if extra_config else {}),
         }
         if name in errors:
-            records.append(common.record("switch", config, None, unit, None, 0, args.out, error=errors[name]))
+            records.append(common.record("switch", config, None, "images/s", None, 0, args.out, error=errors[name]))
             continue
         median = common.median(times[name])
-        items = images_per_item or args.batch
         records.append(
             common.record(
-                "switch", config, items / median, unit, median, len(times[name]), args.out,
+                "switch", config, args.batch / median, "images/s", median, len(times[name]), args.out,
                 speedup=(default_median / median) if default_median else None,
                 times_s=times[name],
             )
@@ -266,7 +146,7 @@ def environment_switch(switch, args, base_overrides) -> list[dict]:
             env = {key: item for key, item in os.environ.items() if key != variable}
             if value is not None:
                 env[variable] = value
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+            result = subprocess.run(command, cwd=presets.ROOT, env=env, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             if result.returncode != 0 or not lines:
                 errors[name] = f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1][:300] if result.stderr.strip() else ''}"
@@ -282,7 +162,7 @@ def environment_switch(switch, args, base_overrides) -> list[dict]:
 
 def tfdata(args, base_overrides) -> list[dict]:
     """Pipeline-alone throughput under tf.data settings, blocks alternating per setting."""
-    config = tfmodel.load_config(args.encoder, args.batch, args.size, base_overrides)
+    config = presets.load_config(args.encoder, args.batch, args.size, base_overrides)
 
     def options(deterministic=None, private_threads=None):
         value = tf.data.Options()
@@ -323,9 +203,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", default="small_convnet", choices=("small_convnet", "resnet18_cifar"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--jit", choices=("config", "on", "off"), default="config",
-                        help="jit_compile for the switches other than jit (default: the preset's)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    presets.add_config_arguments(parser, jit_help="jit_compile for the switches other than jit (default: the preset's)")
     parser.add_argument("--processes", type=int, default=2, help="onednn / interop: processes per setting")
     parser.add_argument("--rounds", type=int, default=3, help="tfdata: blocks per setting")
     parser.add_argument("--batches", type=int, default=20, help="tfdata: timed batches per block")
@@ -338,11 +216,10 @@ def main(argv=None):
     args = parser().parse_args(argv)
     chosen = args.switch or ["all"]
     chosen = list(SWITCHES) if "all" in chosen else chosen
-    overrides = list(args.set)
     if args.smoke:
-        args.batch, args.size, args.reps, args.warmup = min(args.batch, 8), min(args.size, 16), 2, 1
+        common.smoke_sizes(args)
         args.processes, args.rounds, args.batches, args.count = 1, 1, 2, 64
-        overrides += list(tfmodel.SMOKE_OVERRIDES)
+    overrides = presets.config_overrides(args)
     for switch in chosen:
         if switch in IN_PROCESS:
             in_process(switch, args, overrides)

@@ -12,16 +12,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-# The config helpers live in presets.py (no TensorFlow import); re-exported for the scripts.
-from benchmarks.presets import (  # noqa: F401
-    ENCODER_PRESETS,
-    ROOT,
-    SCHEDULE_STEPS,
-    SMOKE_OVERRIDES,
-    load_config,
-)
 from benchmarks import presets
-from byol_tf import byol, distribute, networks, training
+from byol_tf import distribute, training
 from byol_tf import config as config_lib
 
 
@@ -52,23 +44,13 @@ def sync_batchnorm(config: config_lib.Config) -> bool:
     return training.model_config(config, tf.distribute.get_strategy()).network.sync_batchnorm
 
 
-def build(
-    config: config_lib.Config,
-    jit_compile: bool,
-    precision: str | None = None,
-    build_encoder=None,
-    model_class=None,
-    one_replica_rule: bool = True,
-):
+def build(config: config_lib.Config, jit_compile: bool, precision: str | None = None, one_replica_rule: bool = True):
     """A compiled BYOLModel as `training.train` builds it (default strategy, one device).
 
     Args:
         config: the experiment.
         jit_compile: passed to `model.compile`.
         precision: a Keras dtype policy name, or None for the config's precision.
-        build_encoder: a zero-argument encoder factory replacing the library's (prototypes
-            of encoder changes); the heads, optimizer and everything else stay the library's.
-        model_class: a `byol.BYOLModel` subclass replacing it (prototypes of train-step changes).
         one_replica_rule: build the networks from `training.model_config` (synchronised BN
             off on one replica) as training does; False keeps `network.sync_batchnorm` as
             given (the `sync_bn` switch measures both).
@@ -80,28 +62,9 @@ def build(
     if one_replica_rule:
         config = training.model_config(config, strategy)
     policy = precision or distribute.precision_policy(config.distribute, jit_compile)
-    total_steps = config.train.epochs * SCHEDULE_STEPS
     with distribute.dtype_policy(policy):
-        if build_encoder is None and model_class is None:
-            model = training.build_model(config, total_steps, num_classes(config))
-        else:
-            net = config.network
-            size = config.augment.image_size
-            model = (model_class or byol.BYOLModel)(
-                build_encoder=build_encoder or (lambda: networks.build_encoder(net, size)),
-                build_projector=lambda: networks.build_mlp(
-                    net.projector_hidden_dim, net.projection_dim, net, name="projector"
-                ),
-                build_predictor=lambda: networks.build_mlp(
-                    net.predictor_hidden_dim, net.projection_dim, net, name="predictor"
-                ),
-                image_size=config.augment.image_size,
-                total_steps=total_steps,
-                tau_base=config.train.tau_base,
-                num_classes=num_classes(config),
-                gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-            )
-        optimizer = distribute.wrap_optimizer(training.build_optimizer(config, SCHEDULE_STEPS), policy)
+        model = training.build_model(config, config.train.epochs * presets.SCHEDULE_STEPS, num_classes(config))
+        optimizer = distribute.wrap_optimizer(training.build_optimizer(config, presets.SCHEDULE_STEPS), policy)
         model.compile(optimizer=optimizer, jit_compile=jit_compile)
     distribute.prepare_for_fit(model, strategy)
     return model

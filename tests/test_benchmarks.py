@@ -2,7 +2,7 @@
 
 No timing is asserted (timings depend on the machine and its load); what is checked is the
 structure of the records, that the numbers are positive and consistent, and that the
-prototypes the switches time compute what the library computes.
+benchmarks build what training builds.
 """
 
 import json
@@ -12,16 +12,12 @@ import subprocess
 import sys
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from benchmarks import common, report
-from byol_tf import networks
-from byol_tf.config import NetworkConfig
+from benchmarks import common, peer, presets, report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_PYTHON = os.path.join(ROOT, "benchmarks", ".venv-torch", "bin", "python")
+ROOT = presets.ROOT
 FIELDS = ("benchmark", "config", "value", "unit", "median_s", "n", "command", "load_avg_1m", "time")
 
 
@@ -72,37 +68,6 @@ def test_step_smoke_reports_full_step_and_parts(capsys, tmp_path):
     assert ratio["target"] == 1.1
 
 
-def test_step_prototype_line(capsys, tmp_path):
-    from benchmarks import step
-
-    records = _run_main(
-        step, ["--encoder", "small_convnet", "--no-parts", "--prototype", "sequential_views"], capsys, tmp_path
-    )
-    assert [r["benchmark"] for r in records] == ["step", "step_prototype"]
-    _check_record(records[1], "step_prototype", "images/s")
-    assert records[1]["config"]["prototype"] == "sequential_views"
-    assert records[1]["speedup"] == pytest.approx(records[0]["median_s"] / records[1]["median_s"], rel=1e-3)
-
-
-def test_sequential_views_prototype_updates_the_model_exactly_as_the_library_step():
-    """A prototype that computed something else would make its speed meaningless."""
-    from benchmarks import step, tfmodel
-
-    config = tfmodel.load_config("small_convnet", 8, 16, list(tfmodel.SMOKE_OVERRIDES))
-    batch = tfmodel.synthetic_batch(8, 16, tfmodel.num_classes(config), seed=3)
-    models = []
-    for model_class in (None, step.SequentialViewsBYOL):
-        keras.utils.set_random_seed(0)
-        model = tfmodel.build(config, False, model_class=model_class)
-        logs = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())
-        models.append((model, [logs() for _ in range(2)]))
-    (library, library_losses), (prototype, prototype_losses) = models
-    np.testing.assert_allclose(prototype_losses, library_losses, rtol=1e-5)
-    assert len(library.weights) == len(prototype.weights)
-    for a, b in zip(library.weights, prototype.weights):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
-
-
 def test_step_no_parts_prints_only_the_step(capsys, tmp_path):
     from benchmarks import step
 
@@ -145,9 +110,9 @@ def test_input_pipeline_smoke_mnist5k(capsys, tmp_path):
 
 
 def test_input_pipeline_synthetic_views_have_the_view_size():
-    from benchmarks import input_pipeline, tfmodel
+    from benchmarks import input_pipeline
 
-    config = tfmodel.load_config("resnet18_cifar", 4, 16, list(tfmodel.SMOKE_OVERRIDES))
+    config = presets.load_config("resnet18_cifar", 4, 16, list(presets.SMOKE_OVERRIDES))
     dataset = input_pipeline.make_dataset(config, "synthetic", 24, 16)
     batch = next(iter(dataset))
     assert batch["view1"].shape == (4, 16, 16, 3) and batch["view2"].shape == (4, 16, 16, 3)
@@ -170,40 +135,26 @@ def test_augment_op_variants_enable_exactly_one_op():
     assert hue.brightness == hue.contrast == hue.saturation == 0.0
 
 
-@pytest.mark.parametrize("size, radius", [(16, 1), (40, 2)])
-def test_previous_shifted_sum_blur_equals_the_library_blur(size, radius):
-    from benchmarks import input_pipeline
-    from byol_tf import augment
-
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(size=(3, size, size + 2, 3)).astype("float32"))
-    sigma = tf.constant([0.1, 1.0, 2.0])
-    np.testing.assert_allclose(
-        input_pipeline.shifted_sum_gaussian_blur(images, sigma, radius),
-        augment.gaussian_blur(images, sigma, radius),
-        atol=1e-5,
-    )
-
-
 # ------------------------------------------------------------------------- switches
 
 
-def test_switches_smoke_layout_fused_bn_and_tfdata(capsys, tmp_path):
+def test_switches_smoke_precision_sync_bn_and_tfdata(capsys, tmp_path):
     from benchmarks import switches
 
-    argv = ["--encoder", "small_convnet", "--switch", "layout", "--switch", "fused_bn", "--switch", "tfdata"]
+    argv = ["--encoder", "small_convnet", "--switch", "precision", "--switch", "sync_bn", "--switch", "tfdata"]
     records = _run_main(switches, argv, capsys, tmp_path)
     by_switch = {}
     for entry in records:
         assert entry["benchmark"] == "switch"
         by_switch.setdefault(entry["config"]["switch"], {})[entry["config"]["setting"]] = entry
-    assert set(by_switch) == {"layout", "fused_bn", "tfdata"}
-    assert set(by_switch["fused_bn"]) == {"keras_bn", "fused_bn"}
-    assert set(by_switch["layout"]) == {"channels_last", "channels_first"}
+    assert set(by_switch) == {"precision", "sync_bn", "tfdata"}
+    assert set(by_switch["precision"]) == {"float32", "mixed_bfloat16"}
+    # The baseline is what training builds on one replica: plain BN.
+    assert by_switch["sync_bn"]["true"]["config"]["default"] == "false"
     assert set(by_switch["tfdata"]) >= {"autotune", "parallel_1", "autotune_nondeterministic"}
     for settings in by_switch.values():
         for entry in settings.values():
-            if entry.get("error"):  # e.g. NCHW convolutions unsupported: reported, not hidden
+            if entry.get("error"):  # e.g. bfloat16 unsupported on this CPU: reported, not hidden
                 assert entry["value"] is None and entry["config"]["setting"] != entry["config"]["default"]
                 continue
             _check_record(entry, "switch")
@@ -224,32 +175,12 @@ def test_switches_smoke_environment_switches_run_fresh_processes(capsys, tmp_pat
         assert entry["config"]["environment"] == switches.ENVIRONMENT_SWITCHES[switch][0]
 
 
-def _network_config(encoder):
-    return NetworkConfig(encoder=encoder, batchnorm_momentum=0.8, batchnorm_epsilon=1e-3, sync_batchnorm=False)
-
-
-@pytest.mark.parametrize("encoder, size", [("small_convnet", 16), ("resnet18_cifar", 16)])
-def test_local_encoder_matches_the_library_encoder(encoder, size):
-    """The layout / fused-BN prototypes time the library's network, not another one."""
-    from benchmarks import switches
-    from benchmarks.tfmodel import load_config
-
-    config = load_config(encoder, 4, size, [f"network.sync_batchnorm=false"])
-    library = networks.build_encoder(config.network, size)
-    local = switches.local_encoder(config, size)
-    assert [v.path for v in local.weights] == [v.path for v in library.weights]
-    assert [tuple(v.shape) for v in local.weights] == [tuple(v.shape) for v in library.weights]
-    local.set_weights(library.get_weights())
-    images = np.random.default_rng(0).uniform(size=(4, size, size, 3)).astype("float32")
-    np.testing.assert_allclose(local(images, training=False), library(images, training=False), atol=1e-5)
-
-
 @pytest.mark.parametrize("jit_compile, default", [("auto", "off"), (True, "on"), (False, "off")])
 def test_jit_switch_starts_from_the_library_default_on_this_machine(jit_compile, default):
     """The first setting is the speedups' baseline: 'auto' means no XLA on these CPU runners."""
-    from benchmarks import switches, tfmodel
+    from benchmarks import switches
 
-    config = tfmodel.load_config("resnet18_cifar", 4, 16, [f"train.jit_compile={str(jit_compile).lower()}"])
+    config = presets.load_config("resnet18_cifar", 4, 16, [f"train.jit_compile={str(jit_compile).lower()}"])
     assert list(switches.settings("jit", config)) == [default, "on" if default == "off" else "off"]
 
 
@@ -259,44 +190,17 @@ def test_benchmark_model_follows_the_one_replica_batchnorm_rule(one_replica_rule
     for synchronised BN; the sync_bn switch opts out to measure both."""
     from benchmarks import tfmodel
 
-    config = tfmodel.load_config("small_convnet", 4, 16, [*tfmodel.SMOKE_OVERRIDES, "network.sync_batchnorm=true"])
+    config = presets.load_config("small_convnet", 4, 16, [*presets.SMOKE_OVERRIDES, "network.sync_batchnorm=true"])
     model = tfmodel.build(config, jit_compile=False, one_replica_rule=one_replica_rule)
     norms = [
         layer
         for net in (model.online_encoder, model.online_projector, model.predictor)
-        for layer in net._flatten_layers()
+        for layer in net.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     assert norms
     assert {layer.synchronized for layer in norms} == {synchronized}
     assert tfmodel.sync_batchnorm(config) is False
-
-
-def test_fused_batch_normalization_matches_keras_batch_normalization():
-    from benchmarks import switches
-
-    x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 5, 4)).astype("float32")
-    reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
-    fused = switches.FusedBatchNormalization(momentum=0.9, epsilon=1e-3)
-    for layer in (reference, fused):
-        layer.build(x.shape)
-        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
-        layer.beta.assign(np.linspace(-1.0, 1.0, 4))
-    with tf.GradientTape(persistent=True) as tape:
-        tensor = tf.constant(x)
-        tape.watch(tensor)
-        expected = reference(tensor, training=True)
-        got = fused(tensor, training=True)
-        weights = tf.constant(np.random.default_rng(1).normal(size=x.shape).astype("float32"))
-        loss_expected = tf.reduce_sum(expected * weights)
-        loss_got = tf.reduce_sum(got * weights)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    np.testing.assert_allclose(fused.moving_mean.numpy(), reference.moving_mean.numpy(), atol=1e-5)
-    np.testing.assert_allclose(fused.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-4)
-    for a, b in zip(tape.gradient(loss_got, [tensor, fused.gamma, fused.beta]),
-                    tape.gradient(loss_expected, [tensor, reference.gamma, reference.beta])):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(fused(x, training=False), reference(x, training=False), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -324,7 +228,9 @@ def test_gpu_step_script_runs_the_four_settings(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)")
+@pytest.mark.skipif(
+    not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
+)
 def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
     out = tmp_path / "peer.jsonl"
     result = subprocess.run(
@@ -363,9 +269,9 @@ def _fake_results(path):
              "num_parallel_calls": -1}, 3000.0, "images/s"),
         line("switch", {"switch": "jit", "setting": "on", "default": "on", "encoder": "small_convnet",
              "batch": 128, "size": 28}, 300.0, "images/s", speedup=1.0),
-        line("switch", {"switch": "layout", "setting": "channels_first", "default": "channels_last",
+        line("switch", {"switch": "precision", "setting": "mixed_bfloat16", "default": "float32",
              "encoder": "small_convnet", "batch": 128, "size": 28}, None, "images/s", None, 0,
-             error="InvalidArgumentError: NCHW"),
+             error="InvalidArgumentError: no bfloat16 kernel"),
     ]
     for batch, seconds in ((32, 0.1), (64, 0.2)):
         rows.append(line("scaling", {"sweep": "batch", "encoder": "small_convnet", "batch": batch, "size": 28,
@@ -391,7 +297,7 @@ def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
     assert "Test CPU" in text and "python -m benchmarks.step_vs_parts --x" in text
     assert "| resnet18_cifar | 128 | 32 | yes | - | 0.5 | 300 |" in text  # the later step record won
     assert "--out" not in text
-    assert "InvalidArgumentError: NCHW" in text
+    assert "InvalidArgumentError: no bfloat16 kernel" in text
     # Idempotent: a second run replaces the block rather than adding one.
     report.main([str(results), "--markdown", str(markdown), "--plot", str(tmp_path / "plot.png")])
     assert markdown.read_text().count(report.BEGIN) == 1
