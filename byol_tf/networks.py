@@ -81,8 +81,10 @@ def build_mlp(
 ) -> keras.Sequential:
     """Builds a BYOL projector or predictor: Linear -> BN -> ReLU -> Linear.
 
-    As in the reference, both Dense layers keep their biases and the output has no
-    BatchNorm (the loss normalises the output itself).
+    As in the reference code, the hidden Dense keeps its bias and the output Dense has
+    none, and the output has no BatchNorm (the loss normalises the output itself). The
+    hidden bias is redundant before BN (its beta does the same job); the reference keeps
+    it, and so do we, so that the two hold the same variables.
 
     Args:
         hidden_dim: width of the hidden layer (4096 in the paper).
@@ -99,7 +101,7 @@ def build_mlp(
         keras.layers.Dense(hidden_dim, name="linear1"),
         _batch_norm(config, "bn1"),
         keras.layers.ReLU(name="relu1"),
-        keras.layers.Dense(output_dim, name="linear2"),
+        keras.layers.Dense(output_dim, use_bias=False, name="linear2"),
     ]
     if input_dim is not None:
         layers.insert(0, keras.Input(shape=(input_dim,), name=f"{name}_input"))

@@ -104,9 +104,17 @@ def test_mlp_is_linear_bn_relu_linear_without_output_bn():
     ]
     first, _, _, last = mlp.layers
     assert (first.units, last.units) == (16, 8)
-    assert first.use_bias and last.use_bias
     output = mlp(np.ones((3, 12), "float32"), training=True)
     assert tuple(output.shape) == (3, 8)
+
+
+def test_mlp_output_layer_has_no_bias_and_hidden_layer_has_one():
+    # As the reference: hk.Linear(with_bias=True) then hk.Linear(with_bias=False).
+    mlp = networks.build_mlp(16, 8, _config(), name="projector", input_dim=12)
+    hidden, output = mlp.get_layer("linear1"), mlp.get_layer("linear2")
+    assert hidden.use_bias and not output.use_bias
+    assert [v.path for v in hidden.weights] == ["projector/linear1/kernel", "projector/linear1/bias"]
+    assert [v.path for v in output.weights] == ["projector/linear2/kernel"]
 
 
 def test_mlp_builds_lazily_without_input_dim():
