@@ -152,15 +152,26 @@ def _glob_matches(pattern: str) -> bool:
     return bool(tf.io.gfile.glob(pattern))
 
 
-ENCODERS = ("small_convnet", "resnet18_cifar", "resnet50")
+# The ImageNet ResNets with bottleneck blocks (byol_tf.networks builds them in the library).
+BOTTLENECK_RESNETS = ("resnet50", "resnet101", "resnet152", "resnet200")
+ENCODERS = ("small_convnet", "resnet18_cifar", *BOTTLENECK_RESNETS)
+# The widths the paper (and SimCLR before it) trains its ResNets at.
+BOTTLENECK_RESNET_WIDTHS = (1, 2, 3, 4)
 
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    """Encoder and the projector / predictor MLPs (Linear -> BN -> ReLU -> Linear)."""
+    """Encoder and the projector / predictor MLPs (Linear -> BN -> ReLU -> Linear).
+
+    width_multiplier: multiplies every conv width of the encoder (1-16 for the small
+    encoders; 1, 2, 3 or 4 for the bottleneck ResNets, d = 2048 x width_multiplier).
+    zero_init_residual: bottleneck ResNets only; the last BatchNorm of each residual
+    branch starts with gamma 0, so that every block starts as the identity.
+    """
 
     encoder: str = "resnet18_cifar"
     width_multiplier: int = 1
+    zero_init_residual: bool = False
     projector_hidden_dim: int = 4096
     projection_dim: int = 256
     predictor_hidden_dim: int = 4096
@@ -170,7 +181,21 @@ class NetworkConfig:
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.encoder", self.encoder, ENCODERS)
-        _check_range(f"{prefix}.width_multiplier", self.width_multiplier, 1, 16)
+        if self.encoder in BOTTLENECK_RESNETS:
+            if self.width_multiplier not in BOTTLENECK_RESNET_WIDTHS:
+                _fail(
+                    f"{prefix}.width_multiplier",
+                    f"{self.width_multiplier!r} is not one of "
+                    f"{', '.join(map(str, BOTTLENECK_RESNET_WIDTHS))} for encoder {self.encoder!r}",
+                )
+        else:
+            _check_range(f"{prefix}.width_multiplier", self.width_multiplier, 1, 16)
+            if self.zero_init_residual:
+                _fail(
+                    f"{prefix}.zero_init_residual",
+                    f"only the bottleneck ResNets ({', '.join(BOTTLENECK_RESNETS)}) have it, "
+                    f"not encoder {self.encoder!r}",
+                )
         for name in ("projector_hidden_dim", "projection_dim", "predictor_hidden_dim"):
             _check_range(f"{prefix}.{name}", getattr(self, name), 1, 65536)
         _check_range(f"{prefix}.batchnorm_momentum", self.batchnorm_momentum, 0.0, 1.0, high_open=True)

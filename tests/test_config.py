@@ -50,6 +50,14 @@ def test_imagenet_preset_matches_the_paper():
     assert cfg.augment.view2 == config.ViewConfig(**common, blur_prob=0.1, solarize_prob=0.2)
 
 
+@pytest.mark.parametrize("encoder", config.BOTTLENECK_RESNETS)
+def test_bottleneck_resnets_take_widths_1_to_4_and_zero_init_residual(encoder):
+    for width in (1, 2, 3, 4):
+        network = config.from_dict({"network": {"encoder": encoder, "width_multiplier": width}}).network
+        assert (network.encoder, network.width_multiplier, network.zero_init_residual) == (encoder, width, False)
+    assert config.from_dict({"network": {"encoder": encoder, "zero_init_residual": True}}).network.zero_init_residual
+
+
 def test_defaults_are_the_papers_two_views():
     cfg = config.from_dict({})
     assert (cfg.augment.view1.blur_prob, cfg.augment.view1.solarize_prob) == (1.0, 0.0)
@@ -91,6 +99,12 @@ def test_configs_are_frozen():
         ({"data": {"source": "tfrecord", "path": "/no/such/*.tfrecord"}}, r"^data\.path: no file matches"),
         ({"data": {"source": "tfds"}}, r"^data\.name: a TFDS dataset name is required"),
         ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),
+        (
+            {"network": {"encoder": "resnet50", "width_multiplier": 8}},
+            r"^network\.width_multiplier: 8 is not one of 1, 2, 3, 4 for encoder 'resnet50'$",
+        ),
+        ({"network": {"encoder": "small_convnet", "width_multiplier": 17}}, r"^network\.width_multiplier: 17 is outside"),
+        ({"network": {"zero_init_residual": True}}, r"^network\.zero_init_residual: only the bottleneck ResNets"),
         ({"optimizer": {"base_learning_rate": 0}}, r"^optimizer\.base_learning_rate"),
         ({"train": {"online_probe": "yes"}}, r"^train\.online_probe: expected true or false"),
         ({"train": {"jit_compile": "yes"}}, r"^train\.jit_compile: expected true, false or 'auto', got 'yes'"),
