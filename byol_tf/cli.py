@@ -2,6 +2,7 @@
 and the TFX pipeline runners.
 
     byol-tf train --config configs/mnist5k.yaml [--set section.field=value ...]
+    byol-tf train --config configs/imagenet_resnet50.yaml --paper-budget 300
     byol-tf eval --encoder RUN_DIR/encoder.keras --config configs/mnist5k.yaml
     byol-tf export --run RUN_DIR --out DIR
     byol-tf pipeline run --config configs/mnist5k.yaml
@@ -17,6 +18,8 @@ import sys
 # tfx.v1 sets TF_USE_LEGACY_KERAS=1 for child processes; this project is Keras 3 throughout.
 os.environ["TF_USE_LEGACY_KERAS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from byol_tf import presets  # noqa: E402 -- after the environment; light, no TensorFlow
 
 EXPORT_FOLDER = "export"  # `byol-tf train` exports to RUN_DIR/export
 
@@ -39,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="pretrain with keras.Model.fit, then evaluate and save the encoder")
     _add_config_arguments(train)
+    train.add_argument(
+        "--paper-budget",
+        type=int,
+        choices=sorted(presets.PAPER_IMAGENET_BUDGETS),
+        metavar="EPOCHS",
+        help="the paper's ImageNet epochs, base LR, weight decay and tau_base for this budget "
+        f"({', '.join(map(str, presets.PAPER_IMAGENET_BUDGETS))}; byol_tf/presets.py), applied before --set",
+    )
     train.add_argument("--run-dir", help="output folder (default: train.run_dir of the config)")
     train.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
 
@@ -89,7 +100,11 @@ def _add_pipeline_parser(commands):
 def _load_config(args):
     from byol_tf import config
 
-    return config.load(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "paper_budget", None) is not None:
+        # First, so that --set overrides still win.
+        overrides = presets.paper_budget_overrides(args.paper_budget) + overrides
+    return config.load(args.config, overrides)
 
 
 def _train(args) -> int:

@@ -10,7 +10,7 @@ import pytest
 from byol_tf import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = ["smoke", "mnist5k", "cifar10_resnet18", "imagenet_resnet50"]
+PRESETS = ["smoke", "mnist5k", "cifar10_resnet18", "imagenet_resnet50", "imagenet_resnet200x2"]
 
 
 def preset(name):
@@ -27,7 +27,9 @@ def test_presets_load_and_round_trip(name, tmp_path):
 
 def test_imagenet_preset_matches_the_paper():
     cfg = config.load(preset("imagenet_resnet50"))
-    assert cfg.network.encoder == "resnet50"
+    assert (cfg.network.encoder, cfg.network.width_multiplier) == ("resnet50", 1)
+    # The paper's results were obtained with every BN gamma starting at 1.
+    assert cfg.network.zero_init_residual is False
     assert (cfg.network.projector_hidden_dim, cfg.network.projection_dim) == (4096, 256)
     assert cfg.network.predictor_hidden_dim == 4096
     assert (cfg.network.batchnorm_momentum, cfg.network.batchnorm_epsilon) == (0.9, 1e-5)
@@ -56,6 +58,19 @@ def test_bottleneck_resnets_take_widths_1_to_4_and_zero_init_residual(encoder):
         network = config.from_dict({"network": {"encoder": encoder, "width_multiplier": width}}).network
         assert (network.encoder, network.width_multiplier, network.zero_init_residual) == (encoder, width, False)
     assert config.from_dict({"network": {"encoder": encoder, "zero_init_residual": True}}).network.zero_init_residual
+
+
+def test_resnet200x2_preset_is_the_resnet50_preset_with_its_encoder():
+    resnet50 = config.load(preset("imagenet_resnet50"))
+    resnet200 = config.load(preset("imagenet_resnet200x2"))
+    assert (resnet200.network.encoder, resnet200.network.width_multiplier) == ("resnet200", 2)
+    assert resnet200.train.run_dir == "runs/imagenet_resnet200x2"
+    same_otherwise = dataclasses.replace(
+        resnet200,
+        network=dataclasses.replace(resnet200.network, encoder="resnet50", width_multiplier=1),
+        train=dataclasses.replace(resnet200.train, run_dir=resnet50.train.run_dir),
+    )
+    assert same_otherwise == resnet50
 
 
 def test_defaults_are_the_papers_two_views():
