@@ -1,6 +1,7 @@
 """`byol-tf` command line: a thin layer over `byol_tf.experiment`, `evaluation` and `export`.
 
     byol-tf train --config configs/mnist5k.yaml [--set section.field=value ...]
+    byol-tf train --config configs/imagenet_resnet50.yaml --paper-budget 300
     byol-tf eval --encoder RUN_DIR/encoder.keras --config configs/mnist5k.yaml
     byol-tf export --run RUN_DIR --out DIR
 
@@ -14,7 +15,7 @@ import argparse
 import os
 import sys
 
-from byol_tf import logs
+from byol_tf import logs, presets
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
@@ -40,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="pretrain with keras.Model.fit, then evaluate and export the encoder")
     add_config_arguments(train)
+    train.add_argument(
+        "--paper-budget",
+        type=int,
+        choices=sorted(presets.PAPER_IMAGENET_BUDGETS),
+        metavar="EPOCHS",
+        help="the paper's ImageNet epochs, base LR, weight decay and tau_base for this budget "
+        f"({', '.join(map(str, presets.PAPER_IMAGENET_BUDGETS))}; byol_tf/presets.py), applied before --set",
+    )
     train.add_argument("--run-dir", help="output folder (default: train.run_dir of the config)")
     train.add_argument("--no-eval", action="store_true", help="skip the linear evaluation at the end")
     add_verbose_argument(train)
@@ -64,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args):
     from byol_tf import config
 
-    return config.load(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "paper_budget", None) is not None:
+        # First, so that --set overrides still win.
+        overrides = presets.paper_budget_overrides(args.paper_budget) + overrides
+    return config.load(args.config, overrides)
 
 
 def _train(args) -> int:

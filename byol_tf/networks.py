@@ -5,6 +5,11 @@ itself with fixed ImageNet channel statistics, and returns a global-average-pool
 representation [B, d]. Normalising inside the model means an exported encoder takes
 the same [0, 1] images as the training pipeline, with no preprocessing to forget.
 
+Encoders (`network.encoder`), all built here from Keras layers: `small_convnet` (the CPU
+demo), `resnet18_cifar` (basic blocks, CIFAR stem) and the bottleneck ResNets
+`resnet50`, `resnet101`, `resnet152` and `resnet200` (ImageNet stem, v1.5 blocks, 1x-4x
+wide) as the reference code builds them.
+
 Layers carry explicit names, so variable paths are deterministic and unique within a
 model: BYOL builds an online and a target copy and pairs their weights by position,
 and LARS recognises biases and BatchNorm parameters by the substrings 'bias', 'beta'
@@ -36,7 +41,20 @@ RESNET18_WIDTHS = (64, 128, 256, 512)
 # small_convnet: (filters at width_multiplier 1, stride) per conv layer.
 SMALL_CONVNET_LAYERS = ((32, 1), (64, 2), (128, 2), (256, 2))
 
-RESNET50_DIM = 2048
+# Bottleneck ResNets (ImageNet stem, v1.5 blocks): blocks per stage, by encoder name.
+BOTTLENECK_BLOCKS = {
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet152": (3, 8, 36, 3),
+    "resnet200": (3, 24, 36, 3),
+}
+# Stage output widths and stem width at width_multiplier 1; a bottleneck's inner 1x1 and
+# 3x3 convs are a quarter of its stage's width. The multiplier widens all of them, the
+# stem included, as the reference's and SimCLR's do (torchvision's wide_resnet50_2
+# widens only the inner convs, a different network).
+BOTTLENECK_WIDTHS = (256, 512, 1024, 2048)
+BOTTLENECK_STEM_WIDTH = 64
+BOTTLENECK_DIVISOR = 4
 
 
 def build_encoder(config: NetworkConfig, image_size: int, name: str = "encoder") -> keras.Model:
@@ -52,18 +70,15 @@ def build_encoder(config: NetworkConfig, image_size: int, name: str = "encoder")
         representations; `representation_dim(model)` gives d.
 
     Raises:
-        ValueError: an unknown `network.encoder`, or `network.width_multiplier` != 1
-            for `resnet50`.
+        ConfigError: (a ValueError) an invalid network section, e.g. an unknown
+            `network.encoder` or a `network.width_multiplier` the encoder does not take.
     """
+    config.validate("network")
     builders: dict[str, Callable[[NetworkConfig, int, str], keras.Model]] = {
         "small_convnet": _small_convnet,
         "resnet18_cifar": _resnet18_cifar,
-        "resnet50": _resnet50,
+        **{encoder: _bottleneck_resnet for encoder in BOTTLENECK_BLOCKS},
     }
-    if config.encoder not in builders:
-        raise ValueError(
-            f"network.encoder: {config.encoder!r} is not one of {', '.join(repr(k) for k in builders)}"
-        )
     return builders[config.encoder](config, image_size, name)
 
 
@@ -81,8 +96,10 @@ def build_mlp(
 ) -> keras.Sequential:
     """Builds a BYOL projector or predictor: Linear -> BN -> ReLU -> Linear.
 
-    As in the reference, both Dense layers keep their biases and the output has no
-    BatchNorm (the loss normalises the output itself).
+    As in the reference code, the hidden Dense keeps its bias and the output Dense has
+    none, and the output has no BatchNorm (the loss normalises the output itself). The
+    hidden bias is redundant before BN (its beta does the same job); the reference keeps
+    it, and so do we, so that the two hold the same variables.
 
     Args:
         hidden_dim: width of the hidden layer (4096 in the paper).
@@ -99,18 +116,19 @@ def build_mlp(
         keras.layers.Dense(hidden_dim, name="linear1"),
         _batch_norm(config, "bn1"),
         keras.layers.ReLU(name="relu1"),
-        keras.layers.Dense(output_dim, name="linear2"),
+        keras.layers.Dense(output_dim, use_bias=False, name="linear2"),
     ]
     if input_dim is not None:
         layers.insert(0, keras.Input(shape=(input_dim,), name=f"{name}_input"))
     return keras.Sequential(layers, name=name)
 
 
-def _batch_norm(config: NetworkConfig, name: str) -> keras.layers.BatchNormalization:
+def _batch_norm(config: NetworkConfig, name: str, gamma_initializer="ones") -> keras.layers.BatchNormalization:
     return keras.layers.BatchNormalization(
         momentum=config.batchnorm_momentum,
         epsilon=config.batchnorm_epsilon,
         synchronized=config.sync_batchnorm,
+        gamma_initializer=gamma_initializer,
         name=name,
     )
 
@@ -127,7 +145,17 @@ def _normalized_input(image_size: int) -> tuple[keras.KerasTensor, keras.KerasTe
     return inputs, normalized
 
 
-def _conv_bn(x, filters: int, kernel_size: int, strides: int, config: NetworkConfig, prefix: str, relu=True):
+def _conv_bn(
+    x,
+    filters: int,
+    kernel_size: int,
+    strides: int,
+    config: NetworkConfig,
+    prefix: str,
+    relu=True,
+    kernel_initializer="he_normal",
+    gamma_initializer="ones",
+):
     # No conv bias: the following BatchNorm's beta makes it redundant.
     x = keras.layers.Conv2D(
         filters,
@@ -135,10 +163,10 @@ def _conv_bn(x, filters: int, kernel_size: int, strides: int, config: NetworkCon
         strides=strides,
         padding="same",
         use_bias=False,
-        kernel_initializer="he_normal",
+        kernel_initializer=kernel_initializer,
         name=f"{prefix}_conv",
     )(x)
-    x = _batch_norm(config, f"{prefix}_bn")(x)
+    x = _batch_norm(config, f"{prefix}_bn", gamma_initializer)(x)
     if relu:
         x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
     return x
@@ -185,31 +213,55 @@ def _resnet18_cifar(config: NetworkConfig, image_size: int, name: str) -> keras.
     return keras.Model(inputs, outputs, name=name)
 
 
-def _resnet50(config: NetworkConfig, image_size: int, name: str) -> keras.Model:
-    """keras.applications' ResNet-50 (d = 2048) with our BatchNorm settings."""
-    if config.width_multiplier != 1:
-        raise ValueError(
-            f"network.width_multiplier: resnet50 comes from keras.applications, which has "
-            f"no width multiplier; got {config.width_multiplier}, only 1 is supported"
-        )
-    _, normalized = _normalized_input(image_size)
-    # Passing the normalised tensor as input_tensor gives one flat model whose input is
-    # the [0, 1] image, so the rebuild below keeps the normalisation in the graph.
-    base = keras.applications.ResNet50(
-        weights=None, include_top=False, pooling="avg", input_tensor=normalized
-    )
-    model_config = base.get_config()
-    model_config["name"] = name
-    # keras.applications passes its inputs as a one-element list; a bare tensor makes
-    # the model take a plain [B, S, S, 3] tensor like the other encoders.
-    (model_config["input_layers"],) = model_config["input_layers"]
-    for layer in model_config["layers"]:
-        if layer["class_name"] == "BatchNormalization":
-            layer["config"].update(
-                momentum=config.batchnorm_momentum,
-                epsilon=config.batchnorm_epsilon,
-                synchronized=config.sync_batchnorm,
-            )
-    # Rebuilding from the edited config keeps the graph and the layer names; the
-    # first model's freshly initialised weights are simply discarded.
-    return keras.Model.from_config(model_config)
+def _fan_in_truncated_normal(kernel_size: int, in_channels: int) -> keras.initializers.Initializer:
+    # The reference's conv init (haiku Conv2D's default): a normal of stddev 1/sqrt(fan_in),
+    # re-drawn beyond two standard deviations, as Keras' TruncatedNormal also does.
+    return keras.initializers.TruncatedNormal(stddev=(kernel_size * kernel_size * in_channels) ** -0.5)
+
+
+def _bottleneck_conv_bn(x, filters: int, kernel_size: int, strides: int, config: NetworkConfig, prefix: str, **kwargs):
+    initializer = _fan_in_truncated_normal(kernel_size, x.shape[-1])
+    return _conv_bn(x, filters, kernel_size, strides, config, prefix, kernel_initializer=initializer, **kwargs)
+
+
+def _bottleneck_block(x, filters: int, strides: int, project: bool, config: NetworkConfig, prefix: str):
+    """1x1 -> 3x3 (stride here: v1.5) -> 1x1 (x4 wider), plus the shortcut, then ReLU."""
+    shortcut = x
+    if project:
+        shortcut = _bottleneck_conv_bn(x, filters, 1, strides, config, f"{prefix}_shortcut", relu=False)
+    inner = filters // BOTTLENECK_DIVISOR
+    x = _bottleneck_conv_bn(x, inner, 1, 1, config, f"{prefix}_1")
+    # v1.5: striding the 3x3 rather than the first 1x1 (v1) sees every input pixel.
+    x = _bottleneck_conv_bn(x, inner, 3, strides, config, f"{prefix}_2")
+    # A zero gamma makes the branch output 0, so the block starts as its shortcut.
+    gamma = "zeros" if config.zero_init_residual else "ones"
+    x = _bottleneck_conv_bn(x, filters, 1, 1, config, f"{prefix}_3", relu=False, gamma_initializer=gamma)
+    x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+    return keras.layers.ReLU(name=f"{prefix}_out")(x)
+
+
+def _bottleneck_resnet(config: NetworkConfig, image_size: int, name: str) -> keras.Model:
+    """ResNet-50/101/152/200 as the reference builds them; d = 2048 x width_multiplier.
+
+    The ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), then four stages of v1.5
+    bottleneck blocks (`BOTTLENECK_BLOCKS`, `BOTTLENECK_WIDTHS`), the first block of each
+    with a projection shortcut (1x1 conv with the stage's stride + BN) and stride 2 from
+    the second stage on, then global average pooling. Convs have no bias; "same" padding
+    as the reference's. Conv kernels start as the reference's (haiku's Conv2D default):
+    a normal of stddev 1/sqrt(fan_in) truncated at two standard deviations, rather than
+    torchvision's He normal; every conv is followed by BatchNorm, which removes most of
+    the difference. With `network.zero_init_residual` the last BN of each block starts
+    at gamma 0.
+    """
+    width = config.width_multiplier
+    inputs, x = _normalized_input(image_size)
+    x = _bottleneck_conv_bn(x, BOTTLENECK_STEM_WIDTH * width, 7, 2, config, "stem")
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    stages = zip(BOTTLENECK_BLOCKS[config.encoder], BOTTLENECK_WIDTHS)
+    for stage, (blocks, filters) in enumerate(stages, start=1):
+        for block in range(1, blocks + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            prefix = f"stage{stage}_block{block}"
+            x = _bottleneck_block(x, filters * width, strides, block == 1, config, prefix)
+    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, outputs, name=name)

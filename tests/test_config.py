@@ -11,7 +11,7 @@ import pytest
 from byol_tf import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = ["smoke", "mnist5k", "cifar10_resnet18", "imagenet_resnet50"]
+PRESETS = ["smoke", "mnist5k", "cifar10_resnet18", "imagenet_resnet50", "imagenet_resnet200x2"]
 
 
 def preset(name):
@@ -28,7 +28,9 @@ def test_presets_load_and_round_trip(name, tmp_path):
 
 def test_imagenet_preset_matches_the_paper():
     cfg = config.load(preset("imagenet_resnet50"))
-    assert cfg.network.encoder == "resnet50"
+    assert (cfg.network.encoder, cfg.network.width_multiplier) == ("resnet50", 1)
+    # The paper's results were obtained with every BN gamma starting at 1.
+    assert cfg.network.zero_init_residual is False
     assert (cfg.network.projector_hidden_dim, cfg.network.projection_dim) == (4096, 256)
     assert cfg.network.predictor_hidden_dim == 4096
     assert (cfg.network.batchnorm_momentum, cfg.network.batchnorm_epsilon) == (0.9, 1e-5)
@@ -49,6 +51,27 @@ def test_imagenet_preset_matches_the_paper():
     )
     assert cfg.augment.view1 == config.ViewConfig(**common, blur_prob=1.0, solarize_prob=0.0)
     assert cfg.augment.view2 == config.ViewConfig(**common, blur_prob=0.1, solarize_prob=0.2)
+
+
+@pytest.mark.parametrize("encoder", config.BOTTLENECK_RESNETS)
+def test_bottleneck_resnets_take_widths_1_to_4_and_zero_init_residual(encoder):
+    for width in (1, 2, 3, 4):
+        network = config.from_dict({"network": {"encoder": encoder, "width_multiplier": width}}).network
+        assert (network.encoder, network.width_multiplier, network.zero_init_residual) == (encoder, width, False)
+    assert config.from_dict({"network": {"encoder": encoder, "zero_init_residual": True}}).network.zero_init_residual
+
+
+def test_resnet200x2_preset_is_the_resnet50_preset_with_its_encoder():
+    resnet50 = config.load(preset("imagenet_resnet50"))
+    resnet200 = config.load(preset("imagenet_resnet200x2"))
+    assert (resnet200.network.encoder, resnet200.network.width_multiplier) == ("resnet200", 2)
+    assert resnet200.train.run_dir == "runs/imagenet_resnet200x2"
+    same_otherwise = dataclasses.replace(
+        resnet200,
+        network=dataclasses.replace(resnet200.network, encoder="resnet50", width_multiplier=1),
+        train=dataclasses.replace(resnet200.train, run_dir=resnet50.train.run_dir),
+    )
+    assert same_otherwise == resnet50
 
 
 def test_defaults_are_the_papers_two_views():
@@ -90,6 +113,12 @@ def test_configs_are_frozen():
         ({"data": {"source": "folder"}}, r"^data\.path: a path is required"),
         ({"data": {"source": "tfds"}}, r"^data\.name: a TFDS dataset name is required"),
         ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),
+        (
+            {"network": {"encoder": "resnet50", "width_multiplier": 8}},
+            r"^network\.width_multiplier: 8 is not one of 1, 2, 3, 4 for encoder 'resnet50'$",
+        ),
+        ({"network": {"encoder": "small_convnet", "width_multiplier": 17}}, r"^network\.width_multiplier: 17 is outside"),
+        ({"network": {"zero_init_residual": True}}, r"^network\.zero_init_residual: only the bottleneck ResNets"),
         ({"optimizer": {"base_learning_rate": 0}}, r"^optimizer\.base_learning_rate"),
         ({"train": {"online_probe": "yes"}}, r"^train\.online_probe: expected true or false"),
         ({"train": {"jit_compile": "yes"}}, r"^train\.jit_compile: expected true, false or 'auto', got 'yes'"),

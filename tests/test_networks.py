@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from byol_tf import config as config_lib
 from byol_tf import networks
 from byol_tf.config import NetworkConfig
 
@@ -104,9 +105,17 @@ def test_mlp_is_linear_bn_relu_linear_without_output_bn():
     ]
     first, _, _, last = mlp.layers
     assert (first.units, last.units) == (16, 8)
-    assert first.use_bias and last.use_bias
     output = mlp(np.ones((3, 12), "float32"), training=True)
     assert tuple(output.shape) == (3, 8)
+
+
+def test_mlp_output_layer_has_no_bias_and_hidden_layer_has_one():
+    # As the reference: hk.Linear(with_bias=True) then hk.Linear(with_bias=False).
+    mlp = networks.build_mlp(16, 8, _config(), name="projector", input_dim=12)
+    hidden, output = mlp.get_layer("linear1"), mlp.get_layer("linear2")
+    assert hidden.use_bias and not output.use_bias
+    assert [v.path for v in hidden.weights] == ["projector/linear1/kernel", "projector/linear1/bias"]
+    assert [v.path for v in output.weights] == ["projector/linear2/kernel"]
 
 
 def test_mlp_builds_lazily_without_input_dim():
@@ -120,7 +129,6 @@ def test_batchnorm_layers_follow_config(encoders, sync):
     config = _config("resnet18_cifar", sync_batchnorm=sync)
     models = [networks.build_encoder(config, 8), networks.build_mlp(4, 2, config, "mlp", input_dim=3)]
     if sync:
-        # The rewritten keras.applications ResNet-50 (its own default epsilon is 1.001e-5).
         models += [encoders["resnet50"], encoders["small_convnet"]]
     for model in models:
         layers = _batch_norms(model)
@@ -128,6 +136,7 @@ def test_batchnorm_layers_follow_config(encoders, sync):
         for layer in layers:
             assert (layer.momentum, layer.epsilon, layer.synchronized) == (0.8, 2e-3, sync), layer.name
     if sync:
+        # Stem, 3 per block x 16 blocks, 4 projection shortcuts.
         assert len(_batch_norms(encoders["resnet50"])) == 53
 
 
@@ -175,7 +184,7 @@ def _build(kind, config, name):
     return networks.build_encoder(config, 8, name=name)
 
 
-@pytest.mark.parametrize("kind", ["small_convnet", "resnet18_cifar", "mlp"])
+@pytest.mark.parametrize("kind", ["small_convnet", "resnet18_cifar", "resnet50", "mlp"])
 def test_same_seed_gives_identical_weights_and_paths(kind):
     # Also guards against Keras' automatic layer names (conv2d_3, ...), which would
     # differ between BYOL's online and target copies.
@@ -235,6 +244,174 @@ def test_unknown_encoder_raises_naming_the_field():
         networks.build_encoder(NetworkConfig(encoder="vgg16"), 32)
 
 
-def test_resnet50_rejects_width_multiplier():
-    with pytest.raises(ValueError, match=r"network\.width_multiplier"):
-        networks.build_encoder(NetworkConfig(encoder="resnet50", width_multiplier=2), 32)
+@pytest.mark.parametrize("width", [0, 5, 8])
+def test_bottleneck_resnets_reject_widths_other_than_1_to_4(width):
+    match = rf"^network\.width_multiplier: {width} is not one of 1, 2, 3, 4 for encoder 'resnet101'"
+    with pytest.raises(config_lib.ConfigError, match=match):
+        networks.build_encoder(NetworkConfig(encoder="resnet101", width_multiplier=width), 32)
+
+
+def test_zero_init_residual_is_rejected_for_encoders_without_bottlenecks():
+    with pytest.raises(config_lib.ConfigError, match=r"^network\.zero_init_residual: only the bottleneck"):
+        networks.build_encoder(NetworkConfig(encoder="resnet18_cifar", zero_init_residual=True), 32)
+
+
+# ---- Bottleneck ResNets (resnet50 / 101 / 152 / 200) ----
+
+# Published sizes in millions of parameters, classifier excluded: the paper's Table 1b
+# (ResNet-50 2x 94M, 4x 375M, ResNet-200 2x 250M), torchvision's ResNet-50 (25,557,032 with
+# its 1000-way fc of 2,049,000, i.e. 23.5M without it).
+PUBLISHED_MILLIONS = {("resnet50", 1): 23.5, ("resnet50", 2): 94, ("resnet50", 4): 375, ("resnet200", 2): 250}
+
+
+def _bottleneck_params(encoder: str, width: int, num_classes: int = 0) -> tuple[int, int]:
+    """Hand count: (trainable, BN moving statistics) of a bottleneck ResNet.
+
+    Trainable: conv kernels (no biases) + gamma and beta per BN channel (+ an fc head when
+    `num_classes`); non-trainable: moving mean and variance, two per BN channel.
+    """
+    kernels = bn_channels = 0
+
+    def conv_bn(kernel_size, c_in, c_out):
+        nonlocal kernels, bn_channels
+        kernels += kernel_size * kernel_size * c_in * c_out
+        bn_channels += c_out
+
+    conv_bn(7, 3, 64 * width)
+    c_in = 64 * width
+    for blocks, stage_width in zip(networks.BOTTLENECK_BLOCKS[encoder], (256, 512, 1024, 2048)):
+        c_out = stage_width * width
+        for block in range(blocks):
+            if block == 0:
+                conv_bn(1, c_in, c_out)
+            conv_bn(1, c_in, c_out // 4)
+            conv_bn(3, c_out // 4, c_out // 4)
+            conv_bn(1, c_out // 4, c_out)
+            c_in = c_out
+    head = c_in * num_classes + num_classes if num_classes else 0
+    return kernels + 2 * bn_channels + head, 2 * bn_channels
+
+
+def _count(weights):
+    return sum(int(np.prod(v.shape)) for v in weights)
+
+
+def test_every_bottleneck_resnet_in_the_config_has_a_block_table():
+    assert tuple(networks.BOTTLENECK_BLOCKS) == config_lib.BOTTLENECK_RESNETS
+    for encoder, blocks in networks.BOTTLENECK_BLOCKS.items():
+        # The depth in the name: stem conv + 3 convs per block + the classifier of the paper.
+        assert 1 + 3 * sum(blocks) + 1 == int(encoder.removeprefix("resnet")), encoder
+
+
+def test_bottleneck_hand_counts_match_the_published_sizes():
+    # torchvision's resnet50 (v1.5, the same parameters as v1) with its 1000-way fc.
+    assert _bottleneck_params("resnet50", 1, num_classes=1000)[0] == 25_557_032
+    assert _bottleneck_params("resnet50", 1) == (23_508_032, 53_120)
+    assert _bottleneck_params("resnet50", 2) == (93_907_072, 106_240)
+    assert _bottleneck_params("resnet200", 2) == (250_128_512, 352_000)
+    for (encoder, width), millions in PUBLISHED_MILLIONS.items():
+        trainable, _ = _bottleneck_params(encoder, width)
+        # To the published figure's precision (23.5 -> tenths, 94 -> units).
+        digits = 0 if float(millions).is_integer() else 1
+        assert round(trainable / 1e6, digits) == millions, (encoder, width)
+    # The paper's 94M is without the classifier: with a 1000-way fc ResNet-50 2x has 98.0M.
+    assert round(_bottleneck_params("resnet50", 2, num_classes=1000)[0] / 1e6) == 98
+
+
+def _assert_params_match_hand_count(model, encoder, width):
+    trainable, moving = _bottleneck_params(encoder, width)
+    assert _count(model.trainable_weights) == trainable
+    assert _count(model.non_trainable_weights) == moving
+    assert model.count_params() == trainable + moving
+    assert networks.representation_dim(model) == 2048 * width
+
+
+def test_resnet50_params_match_hand_count(encoders):
+    _assert_params_match_hand_count(encoders["resnet50"], "resnet50", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder, width", [("resnet50", 2), ("resnet200", 2)])
+def test_wide_and_deep_resnet_params_match_hand_count(encoder, width):
+    # Built at 32 px and never called: the parameter count does not depend on the image
+    # size, and a forward pass of ResNet-200 2x costs far more than building it.
+    model = networks.build_encoder(_config(encoder, width_multiplier=width), 32)
+    _assert_params_match_hand_count(model, encoder, width)
+    assert tuple(model.output.shape) == (None, 2048 * width)
+
+
+def test_resnet50_stem_and_stage_shapes(encoders):
+    model = encoders["resnet50"]  # 32 px input
+    stem = model.get_layer("stem_conv")
+    assert stem.kernel_size == (7, 7) and stem.strides == (2, 2) and stem.filters == 64
+    pool = model.get_layer("stem_pool")
+    assert isinstance(pool, keras.layers.MaxPooling2D) and pool.pool_size == (3, 3) and pool.strides == (2, 2)
+    assert tuple(model.get_layer("stem_relu").output.shape[1:]) == (16, 16, 64)
+    assert tuple(pool.output.shape[1:]) == (8, 8, 64)
+    last_blocks = {1: 3, 2: 4, 3: 6, 4: 3}
+    expected = {1: (8, 256), 2: (4, 512), 3: (2, 1024), 4: (1, 2048)}
+    for stage, (side, width) in expected.items():
+        output = model.get_layer(f"stage{stage}_block{last_blocks[stage]}_out").output
+        assert tuple(output.shape[1:]) == (side, side, width), stage
+
+
+def test_resnet50_strides_sit_on_the_3x3_conv_v1_5(encoders):
+    convs = _convs(encoders["resnet50"])
+    for stage, blocks in enumerate(networks.BOTTLENECK_BLOCKS["resnet50"], start=1):
+        for block in range(1, blocks + 1):
+            prefix = f"stage{stage}_block{block}"
+            stride = 2 if stage > 1 and block == 1 else 1
+            first, middle, last = (convs[f"{prefix}_{index}_conv"] for index in (1, 2, 3))
+            assert (first.kernel_size, middle.kernel_size, last.kernel_size) == ((1, 1), (3, 3), (1, 1))
+            assert middle.strides == (stride, stride), prefix
+            assert first.strides == last.strides == (1, 1), prefix
+            # Bottleneck: the inner convs are a quarter of the stage width.
+            assert first.filters == middle.filters == last.filters // 4, prefix
+            shortcut = convs.get(f"{prefix}_shortcut_conv")
+            if block == 1:
+                assert shortcut.kernel_size == (1, 1) and shortcut.strides == (stride, stride), prefix
+            else:
+                assert shortcut is None, prefix
+
+
+@pytest.mark.parametrize("name, _size, _dim", ENCODERS)
+def test_no_conv_has_a_bias(encoders, name, _size, _dim):
+    model = encoders[name]
+    convs = _convs(model)
+    assert convs and not any(layer.use_bias for layer in convs.values())
+    assert not any(v.path.endswith("/bias") for v in model.weights)
+    assert not any(isinstance(layer, keras.layers.Dense) for layer in model.layers)
+
+
+def _gammas(model):
+    return {layer.name: keras.ops.convert_to_numpy(layer.gamma) for layer in _batch_norms(model)}
+
+
+def test_zero_init_residual_zeroes_exactly_the_last_bn_gamma_of_each_block(encoders):
+    zeroed = networks.build_encoder(_config("resnet50", zero_init_residual=True), 8)
+    last_bns = {f"stage{s}_block{b}_3_bn" for s, n in enumerate((3, 4, 6, 3), start=1) for b in range(1, n + 1)}
+    gammas = _gammas(zeroed)
+    assert len(last_bns) == 16 and last_bns <= gammas.keys()
+    for name, gamma in gammas.items():
+        np.testing.assert_array_equal(gamma, 0.0 if name in last_bns else 1.0, err_msg=name)
+    # Off by default: every gamma starts at 1.
+    assert NetworkConfig().zero_init_residual is False
+    assert all(np.all(gamma == 1.0) for gamma in _gammas(encoders["resnet50"]).values())
+    # A zeroed branch adds nothing: each block starts as ReLU(shortcut).
+    images = np.random.default_rng(2).uniform(size=(2, 8, 8, 3)).astype("float32")
+    block = keras.Model(
+        zeroed.inputs[0],
+        [zeroed.get_layer("stage1_block2_1_conv").input, zeroed.get_layer("stage1_block2_out").output],
+    )
+    block_input, block_output = (keras.ops.convert_to_numpy(t) for t in block(images, training=False))
+    np.testing.assert_allclose(block_output, np.maximum(block_input, 0.0), atol=1e-6)
+
+
+def test_bottleneck_conv_init_is_the_references_fan_in_truncated_normal(encoders):
+    # haiku's Conv2D default: stddev 1/sqrt(fan_in), truncated at two standard deviations.
+    layer = encoders["resnet50"].get_layer("stage3_block2_2_conv")  # 3x3, 256 -> 256
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    stddev = (3 * 3 * 256) ** -0.5
+    assert np.abs(kernel).max() <= 2 * stddev
+    # A normal truncated at +-2 sigma keeps 0.88 of its standard deviation.
+    np.testing.assert_allclose(kernel.std(), 0.8796 * stddev, rtol=0.02)
