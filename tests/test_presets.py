@@ -61,10 +61,10 @@ def test_cli_paper_budget_applies_before_set_overrides():
     args = cli.build_parser().parse_args(
         ["train", "--config", IMAGENET_RESNET50, "--paper-budget", "300", "--set", "train.epochs=5"]
     )
-    cfg = cli._load_config(args)
+    cfg = cli.load_config(args)
     # --set wins over the budget; the rest of the budget's row stays.
     assert _row(cfg) == (5, 0.3, 1e-6, 0.99)
-    without = cli._load_config(cli.build_parser().parse_args(["train", "--config", IMAGENET_RESNET50]))
+    without = cli.load_config(cli.build_parser().parse_args(["train", "--config", IMAGENET_RESNET50]))
     assert _row(without) == (1000, 0.2, 1.5e-6, 0.996)
 
 
