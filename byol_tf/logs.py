@@ -29,14 +29,45 @@ def prepare_environment(verbose: bool = False) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+class _StandardStream(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` / `sys.stderr` is at the time (tests and notebooks
+    replace them), not to the stream that existed when the handler was made."""
+
+    def __init__(self, name: str):
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value):
+        del value
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
 def configure(verbose: bool = False) -> None:
-    """Shows byol-tf's INFO lines on stderr; silences the rest unless `verbose`."""
+    """Shows byol-tf's progress on stdout (with Keras' progress bars) and its warnings on
+    stderr; silences TensorFlow, absl and TFX unless `verbose`."""
     logger = logging.getLogger(LOGGER_NAME)
     if not any(getattr(handler, "_byol_tf", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("byol-tf: %(message)s"))
-        handler._byol_tf = True  # noqa: SLF001 -- marks our handler so configure() is idempotent
-        logger.addHandler(handler)
+        progress = _StandardStream("stdout")
+        progress.addFilter(_Below(logging.WARNING))
+        problems = _StandardStream("stderr")
+        problems.setLevel(logging.WARNING)
+        for handler, prefix in ((progress, "byol-tf: "), (problems, "byol-tf: %(levelname)s: ")):
+            handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+            handler._byol_tf = True  # noqa: SLF001 -- marks our handlers so configure() is idempotent
+            logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False  # absl's root handler would print each line a second time
     if verbose:
