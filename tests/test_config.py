@@ -48,6 +48,10 @@ def test_imagenet_preset_matches_the_paper():
     )
     assert cfg.augment.view1 == config.ViewConfig(**common, blur_prob=1.0, solarize_prob=0.0)
     assert cfg.augment.view2 == config.ViewConfig(**common, blur_prob=0.1, solarize_prob=0.2)
+    evaluation = cfg.evaluation
+    assert (evaluation.protocol, evaluation.linear_epochs, evaluation.linear_flip_prob) == ("imagenet", 80, 0.5)
+    assert evaluation.linear_crop_scale == (0.08, 1.0) and 0.2 in evaluation.learning_rate_sweep
+    assert round(evaluation.validation_fraction * 1000) == 8  # ~10 of each class's ~1,281 images
 
 
 def test_defaults_are_the_papers_two_views():
