@@ -57,9 +57,8 @@ protocol), so a report says what pretraining added.
 
 Memory does not grow with the number of images beyond a label and a flag per image:
 images flow from `tf.data` in batches. `transfer` keeps features on disk and holds at
-most 2^26 feature values in memory for shuffling (and a copy when a whole part fits in that
-buffer), plus one chunk of kNN queries; `imagenet` holds a shuffle buffer of
-`data.shuffle_buffer` images.
+most 2^26 feature values of them while training a classifier, plus one chunk of kNN
+queries; `imagenet` holds a shuffle buffer of `data.shuffle_buffer` images.
 """
 
 from __future__ import annotations
@@ -91,8 +90,9 @@ _STD_FLOOR = 1e-6
 _KNN_CHUNK_ELEMENTS = 1 << 26
 # kNN queries compared with the memory bank per pass over it.
 _KNN_QUERY_ROWS = 8192
-# Floats held by the shuffle buffer of cached features (256 MiB): small splits are
-# shuffled whole, as a permutation would, large ones through a window of this size.
+# Feature values one classifier fit may hold (float32: 256 MiB): a smaller part of a split
+# is read into memory and permuted whole every epoch, a larger one streams from its file
+# through a shuffle buffer of this size.
 _SHUFFLE_FEATURE_ELEMENTS = 1 << 26
 # Rows per read of a split's labels or cached features.
 _READ_BATCH = 4096
@@ -280,11 +280,17 @@ def _centre_crop_features(
         yield featurize(batch["image"]).numpy(), batch["label"].numpy()
 
 
+@_no_autograph
+def _mask_record(record, keep):
+    return {"x": tf.boolean_mask(record["x"], keep), "label": tf.boolean_mask(record["label"], keep)}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Features:
-    """Features of one split in a fixed order: unbatched {"x": float32 [d], "label": int64}."""
+    """Features of one split in a fixed order, as records (batches) {"x": float32 [b, d], "label": int64 [b]}."""
 
-    examples: tf.data.Dataset
+    records: tf.data.Dataset
+    record_sizes: tuple[int, ...]
     labels: np.ndarray
     dim: int
 
@@ -292,13 +298,38 @@ class _Features:
     def from_arrays(cls, features: np.ndarray, labels: np.ndarray) -> "_Features":
         features = np.asarray(features, np.float32)
         labels = np.asarray(labels, np.int64).reshape(-1)
-        examples = tf.data.Dataset.from_tensor_slices({"x": features, "label": labels})
-        return cls(examples, labels, int(features.shape[1]))
+        records = tf.data.Dataset.from_tensor_slices({"x": features, "label": labels}).batch(_READ_BATCH)
+        sizes = tuple(min(_READ_BATCH, len(labels) - start) for start in range(0, len(labels), _READ_BATCH))
+        return cls(records, sizes, labels, int(features.shape[1]))
+
+    def examples(self, mask: np.ndarray | None = None) -> tf.data.Dataset:
+        """Unbatched {"x", "label"} of the rows where `mask` is true, in order (masked record-wise)."""
+        if mask is None:
+            return self.records.unbatch()
+        flags = tf.RaggedTensor.from_row_lengths(np.asarray(mask, bool), np.asarray(self.record_sizes, np.int64))
+        masked = tf.data.Dataset.zip((self.records, tf.data.Dataset.from_tensor_slices(flags)))
+        return masked.map(_mask_record).unbatch()
 
     def batches(self, mask: np.ndarray | None = None, batch_size: int = _READ_BATCH):
-        """(features, labels) numpy batches of the rows where `mask` is true, in order."""
-        for batch in _select(self.examples, mask).batch(batch_size):
-            yield batch["x"].numpy(), batch["label"].numpy()
+        """(features, labels) numpy batches of `batch_size` rows (the last may be smaller)
+        where `mask` is true, in order."""
+        position, count, pending = 0, 0, []
+        for record in self.records:
+            features, labels = record["x"].numpy(), record["label"].numpy()
+            if mask is not None:
+                keep = mask[position : position + len(labels)]
+                features, labels = features[keep], labels[keep]
+                position += len(keep)
+            pending.append((features, labels))
+            count += len(labels)
+            if count >= batch_size:
+                features, labels = (np.concatenate(parts) for parts in zip(*pending))
+                full = count - count % batch_size
+                for start in range(0, full, batch_size):
+                    yield features[start : start + batch_size], labels[start : start + batch_size]
+                pending, count = [(features[full:], labels[full:])], count - full
+        if count:
+            yield tuple(np.concatenate(parts) for parts in zip(*pending))
 
 
 _RECORD_FEATURES = {"x": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.string)}
@@ -339,8 +370,8 @@ def _write_features(batches: Iterable[tuple[np.ndarray, np.ndarray]], path: str,
             "label": tf.ensure_shape(tf.io.parse_tensor(parsed["label"], tf.int64), [None]),
         }
 
-    examples = tf.data.TFRecordDataset(path).map(parse).unbatch()
-    return _Features(examples, np.concatenate(labels), dim)
+    records = tf.data.TFRecordDataset(path).map(parse)
+    return _Features(records, tuple(len(part) for part in labels), np.concatenate(labels), dim)
 
 
 # ------------------------------------------------------------------------ moments
@@ -512,13 +543,34 @@ def _fit_linear(
 
 
 def _shuffled_feature_batches(features: _Features, mask: np.ndarray | None, num_examples: int, seed: int):
-    """make_batches for cached features: reshuffled every epoch through a bounded buffer."""
-    buffer = max(1, min(num_examples, _SHUFFLE_FEATURE_ELEMENTS // max(features.dim, 1)))
-    examples = _select(features.examples, mask)
-    if buffer == num_examples:
-        # The buffer holds the whole part anyway: keeping a copy costs no more and spares
-        # re-reading and filtering the file every epoch.
-        examples = examples.cache()
+    """make_batches for cached features: a new order every epoch.
+
+    A part that fits the shuffle budget is read into memory once and permuted whole every
+    epoch (batches gathered by index, as cheap as an in-memory loop); a larger part streams
+    from the file through a shuffle buffer of that budget.
+    """
+    if num_examples * features.dim <= _SHUFFLE_FEATURE_ELEMENTS:
+        parts = list(features.batches(mask))
+        values = tf.constant(np.concatenate([part[0] for part in parts]))
+        labels = tf.constant(np.concatenate([part[1] for part in parts]))
+
+        @_no_autograph
+        def gather(indices):
+            return {"x": tf.gather(values, indices), "label": tf.gather(labels, indices)}
+
+        def make_batches(epochs: int, batch_size: int) -> tf.data.Dataset:
+            @_no_autograph
+            def one_epoch(epoch):
+                key = tf.stack([tf.constant(seed, tf.int64), epoch])
+                order = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), key)
+                return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+            return tf.data.Dataset.range(epochs).flat_map(one_epoch).map(gather).prefetch(tf.data.AUTOTUNE)
+
+        return make_batches
+
+    buffer = max(1, _SHUFFLE_FEATURE_ELEMENTS // features.dim)
+    examples = features.examples(mask)
 
     def make_batches(epochs: int, batch_size: int) -> tf.data.Dataset:
         # Batching before repeating keeps each epoch's last partial batch its own.

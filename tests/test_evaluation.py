@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from byol_tf import augment, evaluation
 from byol_tf.callbacks import KNNMonitor
-from byol_tf.config import AugmentConfig, Config, DataConfig, EvaluationConfig, NetworkConfig, ViewConfig
+from byol_tf.config import AugmentConfig, Config, EvaluationConfig, NetworkConfig, ViewConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,6 +120,22 @@ def test_standardization_uses_train_statistics():
     classifier = evaluation.train_linear_classifier(x, y, 4, 0.0, 1, 32, 0.1)
     np.testing.assert_allclose(classifier.mean, x.mean(axis=0), rtol=1e-4)
     np.testing.assert_allclose(classifier.std, x.std(axis=0), rtol=1e-4)
+
+
+def test_parts_larger_than_the_shuffle_budget_stream_from_the_file(monkeypatch, tmp_path):
+    # Two records of features, a budget of 40 floats (5 rows of 8): the carved part streams
+    # through a shuffle buffer instead of being read into memory; it learns as well.
+    x, y = _blobs(300)
+    features = evaluation._write_features([(x[:150], y[:150]), (x[150:], y[150:])], str(tmp_path / "f"), "train")
+    mask = np.arange(300) % 4 != 0
+    standardization = evaluation.standardization(x[mask])
+    config = EvaluationConfig(linear_epochs=5, linear_batch_size=32)
+    accuracies = {}
+    for budget in (1 << 26, 40):
+        monkeypatch.setattr(evaluation, "_SHUFFLE_FEATURE_ELEMENTS", budget)
+        classifier = evaluation._fit_features(features, mask, 4, 0.0, config, 0, standardization)
+        accuracies[budget] = evaluation.top_k_accuracy(classifier.logits(x[~mask]), y[~mask], 1)
+    assert min(accuracies.values()) >= 0.95, accuracies
 
 
 def test_l2_is_chosen_on_validation_not_test(monkeypatch):
@@ -257,6 +273,9 @@ def test_feature_file_round_trip_and_label_checks(tmp_path):
     (chosen, labels), = features.batches(mask)
     np.testing.assert_array_equal(chosen, x[mask])
     assert labels.tolist() == y[mask].tolist()
+    streamed = list(features.examples(mask).as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack([row["x"] for row in streamed]), x[mask])
+    assert [row["label"] for row in streamed] == y[mask].tolist()
     with pytest.raises(evaluation.NoLabelsError, match="'test' split has unlabelled"):
         evaluation._write_features([(x[:2], np.array([0, -1]))], str(tmp_path / "g.tfrecord"), "test")
     with pytest.raises(ValueError, match="'train' split is empty"):
@@ -462,19 +481,19 @@ def _images_dataset(images, labels):
 
 
 def test_imagenet_protocol_end_to_end_with_the_random_init_baseline():
-    images, labels = _colour_images(160)
-    datasets = (_images_dataset(images[:120], labels[:120]), _images_dataset(images[120:], labels[120:]))
-    config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.4, 0.05), linear_epochs=4)
+    images, labels = _colour_images(120)
+    datasets = (_images_dataset(images[:80], labels[:80]), _images_dataset(images[80:], labels[80:]))
+    config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.4, 0.05), linear_epochs=3, validation_fraction=0.2)
     report = evaluation.evaluate(_mean_colour_encoder(), config, datasets=datasets, progress=False)
     assert report.protocol == "imagenet"
     assert list(report.rows) == ["byol", "random_init"]  # raw pixels: transfer only
-    _, validation = evaluation.validation_split(labels[:120], 0.1, seed=0)
+    _, validation = evaluation.validation_split(labels[:80], 0.2, seed=0)
     for row in report.rows.values():
         assert set(row) == ROW_KEYS
         assert row["swept"] == "learning_rate" and set(row["sweep"]) == {0.4, 0.05}
         assert row["val_top1"] == row["sweep"][row["learning_rate"]] and row["l2"] == 0.0
         assert row["knn_top1"] is None
-        assert row["num_train"] == 120 and row["num_test"] == 40 and row["num_validation"] == len(validation)
+        assert row["num_train"] == 80 and row["num_test"] == 40 and row["num_validation"] == len(validation)
     byol = report.rows["byol"]
     assert byol["top1"] >= 0.95 and byol["val_top1"] >= 0.9 and byol["feature_dim"] == 3
     table = report.format_table().splitlines()
