@@ -301,14 +301,35 @@ class DistributeConfig:
         _check_choice(f"{prefix}.dataset_sharding", self.dataset_sharding, DATASET_SHARDINGS)
 
 
+EVALUATION_PROTOCOLS = ("transfer", "imagenet")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    """Linear evaluation protocol and the kNN monitor."""
+    """Linear evaluation protocol and the kNN monitor.
 
+    protocol: `transfer` (paper App. D): a linear classifier on features of centre crops,
+    the L2 weight chosen from `l2_sweep` at `linear_base_learning_rate`. `imagenet` (paper
+    App. C.1): the classifier trained on random resized crops (`linear_crop_scale`,
+    `linear_crop_ratio`) and flips (`linear_flip_prob`) of the training images, redrawn
+    every epoch, through the frozen encoder; no weight decay; the base learning rate chosen
+    from `learning_rate_sweep`. Both choose on a `validation_fraction` of the training
+    split (stratified, seeded) and report the held-out split (byol_tf.evaluation).
+    Learning rates are for a batch of 256 (scaled by `linear_batch_size` / 256).
+    standardize: standardise features with the training split's mean and std (a
+    deviation from the paper, see byol_tf.evaluation); false feeds raw representations.
+    """
+
+    protocol: str = "transfer"
     linear_epochs: int = 80
     linear_batch_size: int = 256
     linear_base_learning_rate: float = 0.2
     l2_sweep: tuple[float, ...] = (0.0, 1e-6, 1e-4)
+    learning_rate_sweep: tuple[float, ...] = (0.4, 0.2, 0.1)
+    linear_crop_scale: tuple[float, float] = (0.08, 1.0)
+    linear_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    linear_flip_prob: float = 0.5
+    standardize: bool = True
     validation_fraction: float = 0.1
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -317,6 +338,7 @@ class EvaluationConfig:
     baselines: bool = True
 
     def validate(self, prefix: str):
+        _check_choice(f"{prefix}.protocol", self.protocol, EVALUATION_PROTOCOLS)
         _check_range(f"{prefix}.linear_epochs", self.linear_epochs, 1, 10**5)
         _check_range(f"{prefix}.linear_batch_size", self.linear_batch_size, 1, 10**6)
         _check_range(
@@ -326,6 +348,13 @@ class EvaluationConfig:
             _fail(f"{prefix}.l2_sweep", "must hold at least one value")
         for value in self.l2_sweep:
             _check_range(f"{prefix}.l2_sweep", value, 0.0, 1.0)
+        if not self.learning_rate_sweep:
+            _fail(f"{prefix}.learning_rate_sweep", "must hold at least one value")
+        for value in self.learning_rate_sweep:
+            _check_range(f"{prefix}.learning_rate_sweep", value, 0.0, 100.0, low_open=True)
+        _check_pair(f"{prefix}.linear_crop_scale", self.linear_crop_scale, 0.0, 1.0, low_open=True)
+        _check_pair(f"{prefix}.linear_crop_ratio", self.linear_crop_ratio, 0.0, 100.0, low_open=True)
+        _check_range(f"{prefix}.linear_flip_prob", self.linear_flip_prob, 0.0, 1.0)
         _check_range(f"{prefix}.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
         _check_range(f"{prefix}.knn_k", self.knn_k, 1, 10**4)
         _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
