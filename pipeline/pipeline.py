@@ -1,4 +1,4 @@
-"""The BYOL TFX pipeline: ingestion -> validation -> pretraining -> linear evaluation -> push.
+"""The BYOL TFX pipeline: ingestion -> validation -> pretraining -> serving check + linear evaluation -> push.
 
 `create_pipeline` takes every setting as an argument and has no side effects: the
 runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
@@ -8,9 +8,12 @@ orchestrator. Components are thin adapters over `byol_tf`:
     StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
                       -> validated_schema, only when the examples have no anomaly
     Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
+    ServingCheck      model -> infra blessing: loads in a fresh process, answers its warm-up
+                      requests (byol_tf.serving)
     Resolver          ML Metadata -> the latest blessed model and its blessing
     LinearEval        examples + model + latest blessed -> metrics, blessing (byol_tf.evaluation)
-    Pusher            model + blessing -> push_destination/<timestamp>/ when blessed
+    Pusher            model + blessing + infra blessing -> push_destination/<timestamp>/
+                      when both are blessed
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ TRAINER_RUN_FN = "byol_tfx.components.trainer_module.run_fn"
 # Node ids, also the task names in the compiled Vertex pipeline.
 EXAMPLE_GEN = "ImageExampleGen"
 TRAINER = "Trainer"
+SERVING_CHECK = "ServingCheck"
 LATEST_BLESSED_MODEL_RESOLVER = "latest_blessed_model_resolver"
 LINEAR_EVAL = "LinearEval"
 PUSHER = "Pusher"
@@ -79,6 +83,7 @@ def create_pipeline(
     """
     from byol_tfx.components import example_gen as example_gen_lib
     from byol_tfx.components import linear_eval as linear_eval_lib
+    from byol_tfx.components import serving_check as serving_check_lib
     from byol_tfx.components import trainer_module
     from byol_tfx.components import validation as validation_lib
 
@@ -103,6 +108,12 @@ def create_pipeline(
         custom_config=trainer_module.custom_config(config_json),
     ).with_id(TRAINER)
 
+    # What InfraValidator does, without a model server: nothing is pushed that does not load
+    # and answer its warm-up requests in a fresh process.
+    serving_check = serving_check_lib.ServingCheck(model=trainer.outputs["model"], config=config_json).with_id(
+        SERVING_CHECK
+    )
+
     latest_blessed = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -121,6 +132,7 @@ def create_pipeline(
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=linear_eval.outputs["blessing"],
+        infra_blessing=serving_check.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_destination)
         ),
@@ -129,7 +141,7 @@ def create_pipeline(
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,
-        components=[example_gen, *validation.values(), trainer, latest_blessed, linear_eval, pusher],
+        components=[example_gen, *validation.values(), trainer, serving_check, latest_blessed, linear_eval, pusher],
         enable_cache=enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(beam_pipeline_args or []),

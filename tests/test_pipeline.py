@@ -26,7 +26,9 @@ SMOKE = "configs/smoke.yaml"
 NAME = "byol-tf-smoke"
 CLASSES = 3
 INGESTION_AND_VALIDATION = ("ImageExampleGen", "StatisticsGen", "ImageSchemaGen", "ExampleValidator", "ValidationGate")
-COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
+COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck", "LinearEval", "Pusher")
+# Each of these runs after the one before it; ServingCheck runs beside LinearEval.
+CHAIN = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
 
 
 # ------------------------------------------------------------------ the blessing rule
@@ -223,13 +225,19 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
     )
     components = {component.id: component for component in pipeline.components}
     ids = list(components)
-    assert ids[0] == "ImageExampleGen" and ids[-2:] == ["LinearEval", "Pusher"]
+    # TFX sorts the nodes topologically: ServingCheck and LinearEval both come before the Pusher.
+    assert ids[0] == "ImageExampleGen" and ids[-1] == "Pusher"
+    assert set(ids) == {*COMPONENTS, "latest_blessed_model_resolver"}
     assert pipeline.enable_cache
     assert list(tmp_path.iterdir()) == []
     # One serialised config reaches every custom component, and the Trainer, unchanged.
     config_json = config_lib.to_json(config)
-    for node in ("ImageExampleGen", "ImageSchemaGen", "LinearEval"):
+    for node in ("ImageExampleGen", "ImageSchemaGen", "ServingCheck", "LinearEval"):
         assert components[node].exec_properties["config"] == config_json, node
+    # The Pusher needs both blessings: LinearEval's and the serving check's.
+    pusher_inputs = components["Pusher"].inputs
+    assert pusher_inputs["model_blessing"].producer_component_id == "LinearEval"
+    assert pusher_inputs["infra_blessing"].producer_component_id == "ServingCheck"
     assert json.loads(components["Trainer"].exec_properties["custom_config"]) == {"config": config_json}
     fingerprinted = pipeline_lib.create_pipeline(
         "p", str(tmp_path / "root"), config, push_destination="x", source_fingerprint="abc123"
@@ -267,10 +275,15 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
                 upstream(dependency, seen)
         return seen
 
-    for before, after in zip(COMPONENTS, COMPONENTS[1:]):
+    for before, after in zip(CHAIN, CHAIN[1:]):
         assert before in upstream(after), f"{after} does not run after {before}"
     assert "latest_blessed_model_resolver-model-resolver" in upstream("LinearEval")
-    assert "Trainer" in tasks["Pusher"]["dependentTasks"] and "LinearEval" in tasks["Pusher"]["dependentTasks"]
+    assert {"Trainer", "LinearEval", "ServingCheck"} <= set(tasks["Pusher"]["dependentTasks"])
+    assert tasks["ServingCheck"]["dependentTasks"] == ["Trainer"]
+    assert tasks["Pusher"]["inputs"]["artifacts"]["infra_blessing"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "blessing",
+        "producerTask": "ServingCheck",
+    }
 
     # Runtime parameters: declared at the root, defaults in the job, wired into the tasks.
     assert spec["root"]["inputDefinitions"]["parameters"] == {
@@ -304,6 +317,12 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     assert linear_eval_args[linear_eval_args.index("--executor_class_path") + 1] == "byol_tfx.components.linear_eval.Executor"
     output_types = spec["components"]["LinearEval"]["outputDefinitions"]["artifacts"]
     assert "byol_tf.LinearEvalMetrics" in output_types["evaluation"]["artifactType"]["instanceSchema"]
+    serving_check_args = executors["ServingCheck_executor"]["container"]["args"]
+    assert serving_check_args[serving_check_args.index("--executor_class_path") + 1] == (
+        "byol_tfx.components.serving_check.Executor"
+    )
+    output_types = spec["components"]["ServingCheck"]["outputDefinitions"]["artifacts"]
+    assert "tfx.InfraBlessing" in output_types["blessing"]["artifactType"]["instanceSchema"]
 
 
 # ------------------------------------------------------------------ end to end
@@ -353,7 +372,8 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
 
     assert summary.pushed_to and os.path.dirname(summary.pushed_to) == paths.serving_model_dir
     pushed = os.listdir(summary.pushed_to)
-    assert {"saved_model.pb", "encoder.keras", "config.yaml", "metrics.json"} <= set(pushed)
+    assert {"saved_model.pb", "assets.extra", "encoder.keras", "config.yaml", "metrics.json"} <= set(pushed)
+    assert summary.serving_check.startswith("blessed: 4 warm-up requests answered")
     loaded = tf.saved_model.load(summary.pushed_to)
     outputs = loaded.signatures["serving_default"](image_bytes=tf.constant([fx.png(1), fx.png(2, (40, 30, 3))]))
     embedding = outputs["embedding"].numpy()
@@ -362,6 +382,7 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
 
     text = summary.format()
     assert f"blessed encoder pushed to {summary.pushed_to}" in text and "random_init" in text
+    assert f"ServingCheck: {summary.serving_check}" in text
 
 
 @pytest.mark.slow
@@ -373,7 +394,7 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
     # Same config: everything up to the Trainer is reused; the encoder IS the latest
     # blessed one, so it stays blessed.
     second = local_runner.run(config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0)
-    for component in (*INGESTION_AND_VALIDATION, "Trainer"):
+    for component in (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck"):
         assert second.states[component] == ["CACHED"], component
     assert second.states["LinearEval"] == ["COMPLETE"]
     assert second.blessed and "latest blessed encoder itself" in second.blessing_message
