@@ -403,13 +403,25 @@ def to_dict(config: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def to_json(config: Config) -> str:
+def to_json(config: Config, sections: Sequence[str] | None = None) -> str:
     """Canonical JSON of a config: sorted keys, no spaces, every field written out.
 
     The one serialised form that crosses process boundaries (TFX component parameters): the
     same experiment always gives the same string, so pipeline caches recognise it.
+
+    Args:
+        config: the experiment.
+        sections: only these top-level sections (e.g. ("data",)); `from_json` gives the
+            others their defaults. A pipeline step that reads only the data gets only the
+            data, so changing a training setting does not invalidate its cache.
     """
-    return json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    raw = to_dict(config)
+    if sections is not None:
+        unknown = sorted(set(sections) - set(raw))
+        if unknown:
+            raise ConfigError(f"config: unknown sections {unknown} (sections: {', '.join(raw)})")
+        raw = {name: raw[name] for name in sections}
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
 
 def from_json(text: str) -> Config:

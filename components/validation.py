@@ -45,6 +45,8 @@ ANOMALIES_FILE = "SchemaDiff.pb"  # ExampleValidator's per-split binary Anomalie
 LABEL = "label"
 IMAGE = "image"
 SIZE_FEATURES = ("height", "width")
+# The config sections this step reads: the pipeline passes only these (its cache key).
+CONFIG_SECTIONS = ("data", "augment")
 
 
 class DataValidationError(ValueError):

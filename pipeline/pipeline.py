@@ -60,9 +60,11 @@ def create_pipeline(
     Args:
         pipeline_name: the pipeline's name in ML Metadata (the cache is per name).
         pipeline_root: folder (or gs:// path) for the artifacts.
-        config: the experiment. It is serialised once (`byol_tf.config.to_json`, canonical,
-            so the same experiment keeps its cache key) and every custom component, and the
-            Trainer's `custom_config`, get that one string.
+        config: the experiment, serialised by `byol_tf.config.to_json` (canonical, so the
+            same experiment keeps its cache keys): every custom component and the Trainer's
+            `custom_config` get it as their one `config` parameter. Ingestion and validation
+            get the sections they read only (their modules' `CONFIG_SECTIONS`), so a change
+            of training settings reruns training, not ingestion.
         metadata_connection_config: ML Metadata connection (None on Vertex, which has its own).
         beam_pipeline_args: for the Beam-based components (DirectRunner, Dataflow, ...).
         push_destination: base folder of the pushed encoders (one timestamped folder per push).
@@ -92,12 +94,14 @@ def create_pipeline(
     config_json = config_lib.to_json(config)
 
     example_gen = example_gen_lib.ImageExampleGen(
-        config=config_json,
+        config=config_lib.to_json(config, example_gen_lib.CONFIG_SECTIONS),
         max_bad_fraction=max_bad_fraction,
         **({"source_fingerprint": source_fingerprint} if source_fingerprint else {}),
     ).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
-    validation = validation_lib.validation_components(examples, config_json)
+    validation = validation_lib.validation_components(
+        examples, config_lib.to_json(config, validation_lib.CONFIG_SECTIONS)
+    )
 
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_RUN_FN,

@@ -206,3 +206,8 @@ def test_json_round_trip_is_canonical():
     assert ": " not in text and text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     with pytest.raises(config.ConfigError, match="^config: not a JSON config"):
         config.from_json("{not json")
+    # A part of the config: only those sections, the others back to their defaults.
+    data_only = config.from_json(config.to_json(cfg, sections=("data",)))
+    assert data_only.data == cfg.data and data_only.train == config.TrainConfig()
+    with pytest.raises(config.ConfigError, match="unknown sections"):
+        config.to_json(cfg, sections=("data", "dat"))
