@@ -782,7 +782,7 @@ def _transfer_linear(
     for l2 in config.l2_sweep:
         classifier = _fit_features(train, ~validation, num_classes, l2, config, seed, fit_standardization)
         sweep[float(l2)] = _accuracies(classifier, train.batches(validation))[0]
-        logger.info("transfer protocol: l2=%g validation top-1 %.4f", l2, sweep[float(l2)])
+        logger.debug("transfer protocol: l2=%g validation top-1 %.4f", l2, sweep[float(l2)])
     best_l2 = _best(sweep)
     classifier = _fit_features(train, None, num_classes, best_l2, config, seed, all_standardization)
     top1, top5 = _accuracies(classifier, test.batches())
@@ -1016,7 +1016,7 @@ def _imagenet_linear(
             splits, ~validation, run_epochs, dim, num_classes, learning_rate, config, seed, fit_standardization
         )
         sweep[float(learning_rate)] = _accuracies(classifier, centre_features(splits.train, validation))[0]
-        logger.info("imagenet protocol: learning rate %g validation top-1 %.4f", learning_rate, sweep[learning_rate])
+        logger.debug("imagenet protocol: learning rate %g validation top-1 %.4f", learning_rate, sweep[learning_rate])
     best_rate = _best(sweep)
     classifier = _fit_images(
         splits, None, run_epochs, dim, num_classes, best_rate, config, seed, all_standardization

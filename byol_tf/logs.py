@@ -8,6 +8,9 @@ absl and TFX print.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import logging
 import os
 import sys
@@ -16,17 +19,47 @@ import warnings
 LOGGER_NAME = "byol_tf"
 
 
-def prepare_environment(verbose: bool = False) -> None:
-    """Environment variables TensorFlow reads when it starts: call before importing it.
+def prepare_environment(verbose: bool = False, modules: tuple[str, ...] = ("tensorflow",)) -> None:
+    """Sets what TensorFlow reads when it starts, then imports `modules` quietly.
 
-    Also pins Keras 3 for child processes (importing `tfx.v1` would set
-    `TF_USE_LEGACY_KERAS=1` for them: Beam workers would get Keras 2).
+    Call before anything imports TensorFlow. Pins Keras 3 for child processes (importing
+    `tfx.v1` would set `TF_USE_LEGACY_KERAS=1` for them: Beam workers would get Keras 2).
+    Unless `verbose`, the native start-up lines of TensorFlow (and of the other `modules`,
+    e.g. TFX, whose libraries load TensorFlow's runtime again) are hidden: the oneDNN and
+    CPU-feature notices and CUDA probing on a host without GPUs are printed by absl's C++
+    logging before anything can configure it, whatever TF_CPP_MIN_LOG_LEVEL says. Only the
+    imports are silenced; errors afterwards print as usual.
     """
     os.environ["TF_USE_LEGACY_KERAS"] = "0"
-    if not verbose:
-        # 3 hides the C++ INFO/WARNING/ERROR start-up lines (CUDA probing on a CPU host,
-        # oneDNN and CPU-feature notices); real failures still raise Python exceptions.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_silenced():
+        for module in modules:
+            importlib.import_module(module)
+        if "tensorflow" in modules:
+            # The first device query probes CUDA: do it now, silenced.
+            sys.modules["tensorflow"].config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Points file descriptor 2 at /dev/null (native code writes there, not to sys.stderr)."""
+    sys.stderr.flush()
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # no real stderr (notebooks)
+        yield
+        return
+    saved = os.dup(descriptor)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+        yield
+    finally:
+        os.dup2(saved, descriptor)
+        os.close(saved)
+        os.close(null)
 
 
 class _StandardStream(logging.StreamHandler):
