@@ -29,7 +29,7 @@ the components only move artifacts.
 import os
 from typing import Dict, List, Optional
 
-# TFDV 1.16 imports a module that TFX 1.21 provides: tfx first (DESIGN.md).
+# TFDV 1.16 imports a module that TFX 1.21 provides: tfx first (docs/DESIGN.md).
 from tfx import v1 as tfx
 from tfx.components.statistics_gen import stats_artifact_utils
 from tfx.types import artifact_utils, standard_artifacts
