@@ -231,8 +231,8 @@ class TrainConfig:
     keep_checkpoints: backups kept in RUN_DIR/backup; 0 turns backup and resume off.
     deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
     jit_compile: XLA for the train step: true, false, or `auto`: on with a TPU or one GPU (on
-    an H200 XLA made the ResNet-50 step 3.5-5.5x faster), off on CPUs (XLA:CPU compiles its own
-    convolutions instead of calling oneDNN's: 0.78-0.87x), with several GPU replicas and with
+    a GPU it is several times faster), off on CPUs (XLA:CPU compiles its own convolutions
+    instead of calling oneDNN's, and is slower), with several GPU replicas and with
     `deterministic` (benchmarks/RESULTS.md, `distribute.resolve_jit_compile`).
     """
 

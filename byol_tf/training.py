@@ -252,7 +252,7 @@ def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) ->
     """The config the networks are built from: synchronised BN only with several replicas.
 
     With one replica it computes the same statistics as plain BN, but Keras then takes its
-    cross-replica path anyway, 6-11% slower on CPU (benchmarks/RESULTS.md, switches).
+    cross-replica path anyway, slower on CPU (benchmarks/RESULTS.md, switches).
     """
     if strategy.num_replicas_in_sync > 1 or not config.network.sync_batchnorm:
         return config
