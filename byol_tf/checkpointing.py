@@ -133,7 +133,15 @@ class TrainingBackup(keras.callbacks.Callback):
             tf.io.gfile.rmtree(self.scratch)
 
     def delete(self):
-        """Removes the backups (the chief's job; others remove their scratch), once the run has finished."""
+        """Removes the backups (the chief's job; others remove their scratch), once the run has finished.
+
+        The `checkpoint` index goes first: a kill during the removal then leaves no index
+        naming half-deleted files (which a rerun would fail to restore), only files no
+        index names, which the rerun ignores and overwrites.
+        """
+        index = self.scratch.rstrip("/") + "/checkpoint"
+        if tf.io.gfile.exists(index):
+            tf.io.gfile.remove(index)
         if tf.io.gfile.exists(self.scratch):
             tf.io.gfile.rmtree(self.scratch)
 

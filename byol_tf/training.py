@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import uuid
 from typing import Callable, Sequence
 
 import keras
@@ -240,12 +241,23 @@ def train(
         callbacks.insert(0, monitoring.KNNMonitor.from_config(config))
     history = _fit(model, runtime, config, dataset, start, steps, callbacks)
     if runtime.is_chief:
-        model.encoder.save(fileio.join(run_dir, ENCODER_FILE))
+        save_keras_atomically(model.encoder, fileio.join(run_dir, ENCODER_FILE))
     if backup:
         backup.delete()
     return TrainResult(
         model=model, history=history, run_dir=run_dir, steps_per_epoch=steps, is_chief=runtime.is_chief
     )
+
+
+def save_keras_atomically(model: keras.Model, path: str) -> None:
+    """`model.save(path)` to a temporary `.keras` file beside `path`, then renamed over it:
+    a kill never leaves a half-written file where a reader looks."""
+    temporary = fileio.join(fileio.dirname(path), f".{fileio.basename(path)}.{uuid.uuid4().hex[:8]}.keras")
+    try:
+        model.save(temporary)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    finally:
+        fileio.remove(temporary)
 
 
 def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) -> config_lib.Config:

@@ -83,19 +83,28 @@ def uninterrupted(tmp_path_factory):
     return load_weights(folder / "weights.npz")
 
 
+# A fixed list: a failure names its seed and replays. Each seed picks the step that has
+# begun when the kill lands; with the backup written every EVERY steps and at each epoch
+# end, kills land in every phase: right after a backup, between backups, at epoch ends.
+KILL_SEEDS = (3, 11, 29)
+
+
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_same_command_gives_identical_weights(tmp_path, uninterrupted):
-    kill_at = random.Random().randrange(2, TOTAL + 1)  # the step that had begun when killed
+@pytest.mark.parametrize("seed", KILL_SEEDS)
+def test_sigkill_at_a_seeded_step_then_same_command_gives_identical_weights(tmp_path, uninterrupted, seed):
+    kill_at = random.Random(seed).randrange(2, TOTAL + 1)  # the step that had begun when killed
     status, _, output = run_training(tmp_path / "run", tmp_path / "weights.npz", kill_at_step=kill_at)
-    assert status == -signal.SIGKILL, f"kill at step {kill_at}: {output[-2000:]}"
+    assert status == -signal.SIGKILL, f"seed {seed}, kill at step {kill_at}: {output[-2000:]}"
     assert not (tmp_path / "weights.npz").exists()
 
     status, steps, output = run_training(tmp_path / "run", tmp_path / "weights.npz")
     assert status == 0, output[-3000:]
     # It resumed (did not start over) from the backup of step kill_at - 1 or, if that step
-    # finished before the signal landed, of step kill_at.
+    # finished before the signal landed, of step kill_at, and said so.
     resumed_from = {last_backup_before(kill_at - 1), last_backup_before(kill_at)}
-    assert TOTAL - steps in resumed_from, f"kill at step {kill_at}: ran {steps} steps after restart"
+    assert TOTAL - steps in resumed_from, f"seed {seed}, kill at step {kill_at}: ran {steps} steps after restart"
+    if TOTAL - steps:
+        assert f"resumed from backup at step {TOTAL - steps} of {TOTAL}" in output
     assert_same_weights(load_weights(tmp_path / "weights.npz"), uninterrupted, atol=1e-6)
 
 
@@ -110,6 +119,20 @@ def test_kill_while_writing_a_backup_leaves_the_previous_one_restorable(tmp_path
     status, steps, output = run_training(tmp_path / "run", tmp_path / "weights.npz")
     assert status == 0, output[-3000:]
     assert steps == TOTAL - 2
+    assert_same_weights(load_weights(tmp_path / "weights.npz"), uninterrupted, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_while_removing_the_finished_backup_still_ends_with_the_same_weights(tmp_path, uninterrupted):
+    status, _, output = run_training(tmp_path / "run", tmp_path / "weights.npz", "--kill-during-delete")
+    assert status == -signal.SIGKILL and "KILLED DURING DELETE" in output, output[-2000:]
+    assert (tmp_path / "run" / training.ENCODER_FILE).exists()
+    # The index went first: what is left is files no index names, not a half-deleted backup.
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "backup")) is None
+
+    status, steps, output = run_training(tmp_path / "run", tmp_path / "weights.npz")
+    assert status == 0, output[-3000:]
+    assert steps == TOTAL  # nothing to resume: the run is deterministic, so it ends the same
     assert_same_weights(load_weights(tmp_path / "weights.npz"), uninterrupted, atol=1e-6)
 
 

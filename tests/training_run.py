@@ -1,7 +1,7 @@
 """A tiny `byol_tf.training.train` run, started as a subprocess by the distribution and fault tests.
 
     python tests/training_run.py --run-dir DIR --out WEIGHTS.npz [--epochs 2 --steps-per-epoch 5]
-        [--every 2] [--poison-step K] [--kill-during-save N] [--strategy multi_worker]
+        [--every 2] [--poison-step K] [--kill-during-save N] [--kill-during-delete] [--strategy multi_worker]
         [--sharding global_batch] [--optimizer sgd]
 
 Real data path (embedded MNIST digits through `byol_tf.data`), deterministic ops, a small
@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from byol_tf import checkpointing, config as config_lib, data, distribute, training  # noqa: E402
+from byol_tf import checkpointing, config as config_lib, data, distribute, logs, training  # noqa: E402
 
 
 def tiny_config(args) -> config_lib.Config:
@@ -71,6 +71,20 @@ def kill_during_save(count: int):
     tf.train.CheckpointManager._record_state = record_then_maybe_die
 
 
+def kill_during_delete():
+    """SIGKILLs this process while it removes its finished backup: after the index is gone,
+    with the checkpoint files half deleted."""
+    remove = tf.io.gfile.remove
+
+    def remove_then_die(path):
+        remove(path)
+        if os.path.basename(path) == "checkpoint":
+            print("KILLED DURING DELETE", path, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    tf.io.gfile.remove = remove_then_die
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", required=True)
@@ -80,15 +94,19 @@ def main():
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--poison-step", type=int, default=0, help="global step (from 1) whose batch is NaN")
     parser.add_argument("--kill-during-save", type=int, default=0)
+    parser.add_argument("--kill-during-delete", action="store_true")
     parser.add_argument("--strategy", default="default")
     parser.add_argument("--sharding", default="per_worker")
     parser.add_argument("--optimizer", default="lars")
     parser.add_argument("--cpus", type=int, default=0, help="logical CPU devices for --strategy mirrored")
     args = parser.parse_args()
+    logs.configure()  # byol-tf's own lines (e.g. "resumed from backup at step N of M"), as the CLI shows them
     config = tiny_config(args)
     strategy = distribute.strategy_from_config(config.distribute)
     if args.kill_during_save:
         kill_during_save(args.kill_during_save)
+    if args.kill_during_delete:
+        kill_during_delete()
 
     def dataset_fn(context):
         batches = data.make_pretraining_dataset(config, batch_size=config.data.batch_size, input_context=context)
