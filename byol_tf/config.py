@@ -303,7 +303,13 @@ class DistributeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    """Linear evaluation protocol and the kNN monitor."""
+    """Linear evaluation protocol, the kNN monitor and the TensorBoard embedding projector.
+
+    projector_images: at the end of training, this many held-out images (class-balanced when
+    labelled) are embedded by the encoder and written for TensorBoard's Embedding Projector
+    with their labels and thumbnails (RUN_DIR/logs/embeddings, `byol_tf.embedding_projector`);
+    0 turns it off. Runs without a held-out split skip it.
+    """
 
     linear_epochs: int = 80
     linear_batch_size: int = 256
@@ -315,6 +321,7 @@ class EvaluationConfig:
     knn_every_epochs: int = 0
     knn_examples: int = 1000
     baselines: bool = True
+    projector_images: int = 1000
 
     def validate(self, prefix: str):
         _check_range(f"{prefix}.linear_epochs", self.linear_epochs, 1, 10**5)
@@ -331,6 +338,8 @@ class EvaluationConfig:
         _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
         _check_range(f"{prefix}.knn_every_epochs", self.knn_every_epochs, 0, 10**6)
         _check_range(f"{prefix}.knn_examples", self.knn_examples, 1, 10**7)
+        # The projector draws every point in the browser; beyond ~10k it stops being usable.
+        _check_range(f"{prefix}.projector_images", self.projector_images, 0, 10_000)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,8 @@ def test_configs_are_frozen():
         ({"train": {"jit_compile": "yes"}}, r"^train\.jit_compile: expected true, false or 'auto', got 'yes'"),
         ({"train": {"jit_compile": 1}}, r"^train\.jit_compile: expected a bool or str, got 1"),
         ({"data": []}, r"^data: expected a mapping"),
+        ({"evaluation": {"projector_images": -1}}, r"^evaluation\.projector_images: -1 is outside the allowed range \[0, 10000\]"),
+        ({"evaluation": {"projector_images": 10_001}}, r"^evaluation\.projector_images: 10001 is outside"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):

@@ -420,6 +420,25 @@ def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_trainer_projector_reads_the_held_out_eval_split_of_the_examples(tmp_path):
+    from byol_tf import augment, monitoring
+    from byol_tfx.components import trainer_module
+
+    examples = write_examples(str(tmp_path / "examples"), train=12, eval_=9)
+    config = smoke_config(projector_images=6)
+    holdout = trainer_module.examples_data_config(
+        config, examples_io.split_file_patterns(examples, "train"), examples_io.split_file_patterns(examples, "eval")
+    )
+    logger = monitoring.ProjectorLogger.from_config(config, str(tmp_path / "logs"), holdout)
+    # Two of each class, all from the eval split (its images are seeds 1000+).
+    assert np.bincount(logger.labels, minlength=CLASSES).tolist() == [2, 2, 2]
+    eval_images, _ = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
+    size = config.augment.image_size
+    expected = np.round(augment.center_crop_resize(eval_images[:6], size).numpy() * 255)
+    assert logger.images.shape == (6, size, size, 3)
+    np.testing.assert_array_equal(logger.images, expected)
+
+
 def test_trainer_backup_dir_is_stable_across_executions_of_the_same_training():
     import types
 
