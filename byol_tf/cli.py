@@ -5,6 +5,7 @@
     byol-tf eval --encoder RUN_DIR/encoder.keras --config configs/mnist5k.yaml
     byol-tf export --run RUN_DIR --out DIR
     byol-tf embed --model RUN_OR_EXPORT --config configs/mnist5k.yaml --split test --out DIR
+    byol-tf neighbours --embeddings DIR --query digit.png [-k 8] --out grid.png
 
 The TFX pipeline has its own command, `byol-tf-pipeline` (`byol_tfx.pipeline.cli`).
 Output is byol-tf's progress and results; `--verbose` adds TensorFlow's own logging.
@@ -86,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_verbose_argument(embed)
+
+    neighbours = commands.add_parser("neighbours", help="nearest neighbours of query images in `byol-tf embed` output")
+    neighbours.add_argument("--embeddings", required=True, help="a folder written by `byol-tf embed`")
+    neighbours.add_argument("--query", required=True, action="append", help="an image file (repeatable: one row each)")
+    neighbours.add_argument("-k", type=int, default=8, help="neighbours per query (default %(default)s)")
+    neighbours.add_argument("--out", required=True, help="the PNG picture to write: each query, then its neighbours")
+    neighbours.add_argument(
+        "--index", choices=["exact", "hnsw"], default="exact",
+        help="exact cosine search (default), or an approximate HNSW index (faiss, extra [ann]) for large collections",
+    )
+    add_verbose_argument(neighbours)
     return parser
 
 
@@ -144,7 +156,24 @@ def _embed(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _evaluate, "export": _export, "embed": _embed}
+def _neighbours(args) -> int:
+    import io
+
+    from byol_tf import fileio, neighbours
+
+    picture, found = neighbours.neighbours_picture(args.embeddings, args.query, args.k, index=args.index)
+    for query, keys, labels, similarities in zip(args.query, found.keys, found.labels, found.similarities):
+        print(f"{query}:")
+        for rank, (key, label, similarity) in enumerate(zip(keys, labels, similarities), start=1):
+            print(f"  {rank:2d}  {similarity:.4f}  label {label:>3}  {key}")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    fileio.write_bytes(args.out, buffer.getvalue())
+    print(f"picture written to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _evaluate, "export": _export, "embed": _embed, "neighbours": _neighbours}
 
 
 def run_command(commands, args, prog: str = "byol-tf") -> int:
