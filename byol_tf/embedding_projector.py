@@ -3,6 +3,8 @@
 `write(log_dir, embeddings, labels, images)` writes one TensorBoard run folder that the
 projector tab reads (`tensorboard --logdir RUN_DIR/logs`, run `embeddings`):
 
+    events.out.tfevents.*    a one-line text summary: TensorBoard lists only folders with
+                             event files as runs, and the projector looks in runs
     projector_config.pbtxt   which tensor, metadata and sprite belong together
     embedding.ckpt-1.*       the embeddings as a variable of a TF2 checkpoint (+ `checkpoint`)
     metadata.tsv             one label per embedding, in the same order (no header: one column)
@@ -114,6 +116,14 @@ def write(log_dir: str, embeddings: np.ndarray, labels: np.ndarray, images: np.n
         embedding.sprite.image_path = SPRITE_FILE
         embedding.sprite.single_image_dim.extend([side, side])
         projector.visualize_embeddings(staging, config)
+        writer = tf.summary.create_file_writer(staging)
+        with writer.as_default():
+            tf.summary.text(
+                "embedding_projector",
+                f"{len(embeddings)} held-out images, {embeddings.shape[1]}-d: open the PROJECTOR tab",
+                step=0,
+            )
+        writer.close()
         fileio.replace_dir(staging, destination)
     except BaseException:
         fileio.rmtree(staging)

@@ -61,6 +61,8 @@ def test_write_gives_a_consistent_projector_run(tmp_path, rng):
     folder = embedding_projector.write(str(tmp_path / "logs"), embeddings, labels, images)
     assert folder == str(tmp_path / "logs" / embedding_projector.RUN_NAME)
     assert not [name for name in os.listdir(tmp_path / "logs") if name != "embeddings"]  # no staging left
+    # An event file makes the folder a run, the only places the projector looks.
+    assert any(name.startswith("events.out.tfevents.") for name in os.listdir(folder))
 
     config = projector.ProjectorConfig()
     with open(os.path.join(folder, embedding_projector.CONFIG_FILE)) as stream:
