@@ -438,5 +438,5 @@ def embed_split(
     fileio.write_json(fileio.join(partial, MANIFEST_FILE), result)
     fileio.remove(fileio.join(partial, REQUEST_FILE))
     fileio.replace_dir(partial, out_dir)
-    logger.info("embed: %d embeddings (d=%d) of the %s split written to %s", total, encoder.dimension, split, out_dir)
+    logger.debug("embed: %d embeddings (d=%d) of the %s split written to %s", total, encoder.dimension, split, out_dir)
     return result

@@ -185,3 +185,38 @@ def test_cli_neighbours_bad_query_is_one_line(small_mnist, tmp_path, capsys):
     code = cli.main(["neighbours", "--embeddings", directory, "--query", str(tmp_path / "no.png"), "--out", "x.png"])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"byol-tf neighbours: error: query: '{tmp_path / 'no.png'}' does not exist"
+
+
+# ------------------------------------------------------------------ BYOL against random init
+
+# 8-NN label agreement of held-out digits among the training digits (benchmarks/RESULTS.md,
+# "Neighbours"): random init 0.68; the demo preset after 4 epochs 0.71, 6 epochs 0.75,
+# 40 epochs 0.89. Six epochs leave a margin well above run-to-run noise.
+BYOL_EPOCHS = 6
+AGREEMENT_MARGIN = 0.03
+
+
+def mnist_agreement(model, root, config, k=8):
+    """Neighbour label agreement: each held-out digit's k nearest training digits (embedded by `model`)."""
+    for split in ("train", "test"):
+        embed.embed_split(model, config, split, os.path.join(root, split), progress=False)
+    queries = embed.read(os.path.join(root, "test"))
+    found = neighbours.search(os.path.join(root, "train"), queries.embeddings, k)
+    return neighbours.label_agreement(queries.labels, found.labels)
+
+
+@pytest.mark.slow
+def test_byol_neighbours_agree_on_the_digit_more_than_random_inits(tmp_path):
+    from byol_tf import experiment
+
+    # A short run of the demo preset; projector and kNN monitor off.
+    config = config_lib.load(
+        MNIST5K,
+        [f"train.epochs={BYOL_EPOCHS}", "train.verbose=0", "evaluation.knn_every_epochs=0",
+         "evaluation.projector_images=0"],
+    )
+    trained = experiment.run(config, run_dir=str(tmp_path / "run"), evaluate=False).export_dir
+    random_init = exports.export_random_encoder(str(tmp_path / "random"), moving_statistics=False)
+    byol = mnist_agreement(trained, str(tmp_path / "byol_embeddings"), config)
+    baseline = mnist_agreement(random_init, str(tmp_path / "random_embeddings"), config)
+    assert byol > baseline + AGREEMENT_MARGIN, (byol, baseline)
