@@ -35,6 +35,8 @@ setuptools.setup(
         "PyYAML==6.0.4",
         "numpy==2.4.6",
         "pillow==12.3.0",
+        # PredictionLog / PredictRequest protos of the exports' TF Serving warm-up requests.
+        "tensorflow-serving-api==2.19.1",
         "pyarrow==18.1.0",  # byol-tf embed writes Parquet
     ],
     extras_require={

@@ -59,8 +59,8 @@ def part_functions(model, batch: dict, jit_compile: bool) -> dict:
 
     @tf.function(**compile_options)
     def target_forward(view):
-        # BN in training mode (and its moving-statistics update), as in the train step.
-        return model.target_projector(model.target_encoder(view, training=True), training=True)
+        # BN on batch statistics (and its moving-statistics update), as in the train step.
+        return model.target_projection(view)
 
     @tf.function(**compile_options)
     def optimizer_apply(gradients):
@@ -69,7 +69,8 @@ def part_functions(model, batch: dict, jit_compile: bool) -> dict:
 
     @tf.function(**compile_options)
     def ema(tau):
-        byol.ema_update(model.target_weights, model.online_weights, tau)
+        targets, onlines = zip(*model.ema_pairs())
+        byol.ema_update(targets, onlines, tau)
         return tau
 
     target1, target2 = target_forward(view1), target_forward(view2)

@@ -9,6 +9,7 @@ called on a `tf.data` iterator, as `fit` calls it.
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import tensorflow as tf
 
@@ -58,16 +59,15 @@ def build(config: config_lib.Config, jit_compile: bool, precision: str | None = 
     Returns:
         The model, compiled and ready for `model.make_train_function()`.
     """
-    strategy = tf.distribute.get_strategy()
-    if one_replica_rule:
-        config = training.model_config(config, strategy)
-    policy = precision or distribute.precision_policy(config.distribute, jit_compile)
-    with distribute.dtype_policy(policy):
-        model = training.build_model(config, config.train.epochs * presets.SCHEDULE_STEPS, num_classes(config))
-        optimizer = distribute.wrap_optimizer(training.build_optimizer(config, presets.SCHEDULE_STEPS), policy)
-        model.compile(optimizer=optimizer, jit_compile=jit_compile)
-    distribute.prepare_for_fit(model, strategy)
-    return model
+    runtime = distribute.Runtime.from_config(config, tf.distribute.get_strategy())
+    runtime = dataclasses.replace(
+        runtime,
+        jit_compile=jit_compile,
+        policy=precision or distribute.precision_policy(config.distribute, jit_compile),
+    )
+    return training.build_compiled_model(
+        config, runtime, presets.SCHEDULE_STEPS, num_classes(config), one_replica_rule=one_replica_rule
+    )
 
 
 def synthetic_batch(batch: int, size: int, classes: int | None, seed: int = 0) -> dict:

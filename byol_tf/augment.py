@@ -491,8 +491,8 @@ def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor
 
     Two depthwise convolutions with the batch stacked into channels: the B images' C channels
     become B*C channels of one image, so each image keeps its own kernel, and each pass is one
-    convolution instead of 2 * radius + 1 shifted multiply-adds (6.3x faster at 224 px, where
-    radius is 11, and 1.3x at 32 px: benchmarks/RESULTS.md).
+    convolution instead of 2 * radius + 1 shifted multiply-adds (the speed-up is measured in
+    benchmarks/RESULTS.md).
     Deviation from the reference: reflect padding instead of zeros, so borders keep their
     brightness (zero padding darkens a 32 px image's edge rows by up to a third).
 

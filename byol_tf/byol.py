@@ -88,7 +88,7 @@ def ema_update(target_variables, online_variables, decay):
     aggregation mode (Keras creates BN moving statistics with aggregation "none").
 
     Args:
-        target_variables: Keras variables of the target network.
+        target_variables: Keras variables of the target network (`BYOLModel.ema_pairs`).
         online_variables: Keras variables of the online network, in the same order.
         decay: scalar tau in [0, 1].
     """
@@ -149,10 +149,18 @@ class BYOLModel(keras.Model):
     """BYOL (Grill et al. 2020) as a Keras model with a custom `train_step`.
 
     Online network: encoder -> projector -> predictor. Target network: encoder -> projector,
-    a copy of the online ones at construction, then an exponential moving average of them
-    (all variables, BatchNorm moving statistics included) with decay from
-    `schedules.target_decay`. An optional linear probe on the stop-gradient representation
-    trains beside BYOL so accuracy is visible during pretraining.
+    a copy of the online ones at construction; then, as in the reference implementation,
+    its *parameters* (kernels, biases, BatchNorm gamma / beta) are an exponential moving
+    average of the online ones with decay tau from `schedules.tau`, and it runs its
+    BatchNorm in training mode: each batch is normalised with its own statistics
+    (synchronised across replicas like the online network's), and the target's moving
+    statistics are its own, updated by its forward passes. The target gets no gradient
+    (stop-gradient) and none of its variables is trainable; its layers stay trainable,
+    because a Keras 3 BatchNormalization whose layer is frozen silently normalises with
+    its moving statistics instead of the batch's.
+
+    An optional linear probe on the stop-gradient representation trains beside BYOL so
+    accuracy is visible during pretraining.
 
     Args:
         build_encoder: zero-argument callable returning a fresh encoder `keras.Model`
@@ -213,9 +221,10 @@ class BYOLModel(keras.Model):
             self.probe.build((None, self.online_encoder.output.shape[-1]))
         for target, online in zip(self.target_weights, self.online_weights):
             target.assign(online)
-        # The target is updated by EMA only.
-        self.target_encoder.trainable = False
-        self.target_projector.trainable = False
+        # The target is updated by EMA only: its variables are frozen, not its layers (a
+        # frozen BatchNormalization layer would use moving statistics in training mode).
+        for variable in self.target_weights:
+            variable.trainable = False
         # Every variable exists now; marking the model built stops Keras' symbolic build in
         # fit() under a strategy, which would call the model on the {"view1", ...} dict.
         self.built = True
@@ -232,11 +241,24 @@ class BYOLModel(keras.Model):
 
     @property
     def online_weights(self):
+        """Every variable of the online encoder and projector (the target's counterparts)."""
         return self.online_encoder.weights + self.online_projector.weights
 
     @property
     def target_weights(self):
+        """Every variable of the target encoder and projector, in `online_weights`' order."""
         return self.target_encoder.weights + self.target_projector.weights
+
+    def ema_pairs(self):
+        """(target, online) parameter pairs the EMA updates: every online variable that is
+        trained (kernels, biases, BN gamma / beta), not the BN moving statistics, which
+        the target keeps for itself."""
+        statistics = {id(variable) for variable in self.batch_norm_statistics}
+        return [
+            (target, online)
+            for target, online in zip(self.target_weights, self.online_weights)
+            if id(online) not in statistics
+        ]
 
     @property
     def batch_norm_statistics(self):
@@ -254,8 +276,9 @@ class BYOLModel(keras.Model):
         """Online representation of `images` (what the kept encoder computes)."""
         return self.online_encoder(images, training=training)
 
-    def target_decay(self, step):
-        return schedules.target_decay(step, self.total_steps, self.tau_base)
+    def tau(self, step):
+        """The EMA decay at optimizer step `step` (cosine from tau_base to 1)."""
+        return schedules.tau(step, self.total_steps, self.tau_base)
 
     def train_step(self, data):
         # Each replica sees its share of the global batch; gradients are summed across
@@ -282,11 +305,12 @@ class BYOLModel(keras.Model):
             statistics.finish(accumulate)
 
         step = tf.convert_to_tensor(self.optimizer.iterations)
-        tau = self.target_decay(step)
+        tau = self.tau(step)
         self.optimizer.apply_gradients(zip(gradients, trainable))
         # A LossScaleOptimizer skips steps with non-finite gradients: the target stays too.
         tau = tf.where(self.optimizer.iterations > step, tau, tf.ones_like(tau))
-        ema_update(self.target_weights, self.online_weights, tau)
+        targets, onlines = zip(*self.ema_pairs())
+        ema_update(targets, onlines, tau)
 
         sums = _cross_replica_sum(sums)
         self.loss_tracker.update_state(sums["loss"] / global_batch)
@@ -301,7 +325,8 @@ class BYOLModel(keras.Model):
         return logs
 
     def target_projection(self, view):
-        """Target network output for a view: no gradient; BN in training mode as in the reference."""
+        """Target network output for a view: BN on the batch's statistics (training mode, as
+        the reference), updating the target's own moving statistics; no gradient."""
         return tf.stop_gradient(self.target_projector(self.target_encoder(view, training=True), training=True))
 
     def online_forward(self, view):

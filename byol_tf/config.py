@@ -231,8 +231,8 @@ class TrainConfig:
     keep_checkpoints: backups kept in RUN_DIR/backup; 0 turns backup and resume off.
     deterministic: `tf.config.experimental.enable_op_determinism()`, for bit-exact resumes.
     jit_compile: XLA for the train step: true, false, or `auto`: on with a TPU or one GPU (on
-    an H200 XLA made the ResNet-50 step 3.5-5.5x faster), off on CPUs (XLA:CPU compiles its own
-    convolutions instead of calling oneDNN's: 0.78-0.87x), with several GPU replicas and with
+    a GPU it is several times faster), off on CPUs (XLA:CPU compiles its own convolutions
+    instead of calling oneDNN's, and is slower), with several GPU replicas and with
     `deterministic` (benchmarks/RESULTS.md, `distribute.resolve_jit_compile`).
     """
 
@@ -301,20 +301,39 @@ class DistributeConfig:
         _check_choice(f"{prefix}.dataset_sharding", self.dataset_sharding, DATASET_SHARDINGS)
 
 
+EVALUATION_PROTOCOLS = ("transfer", "imagenet")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """Linear evaluation protocol, the kNN monitor and the TensorBoard embedding projector.
 
+    protocol: `transfer` (paper App. D): a linear classifier on features of centre crops,
+    the L2 weight chosen from `l2_sweep` at `linear_base_learning_rate`. `imagenet` (paper
+    App. C.1): the classifier trained on random resized crops (`linear_crop_scale`,
+    `linear_crop_ratio`) and flips (`linear_flip_prob`) of the training images, redrawn
+    every epoch, through the frozen encoder; no weight decay; the base learning rate chosen
+    from `learning_rate_sweep`. Both choose on a `validation_fraction` of the training
+    split (stratified, seeded) and report the held-out split (byol_tf.evaluation).
+    Learning rates are for a batch of 256 (scaled by `linear_batch_size` / 256).
+    standardize: standardise features with the training split's mean and std (a
+    deviation from the paper, see byol_tf.evaluation); false feeds raw representations.
     projector_images: at the end of training, this many held-out images (class-balanced when
     labelled) are embedded by the encoder and written for TensorBoard's Embedding Projector
     with their labels and thumbnails (RUN_DIR/logs/embeddings, `byol_tf.embedding_projector`);
     0 turns it off. Runs without a held-out split skip it.
     """
 
+    protocol: str = "transfer"
     linear_epochs: int = 80
     linear_batch_size: int = 256
     linear_base_learning_rate: float = 0.2
     l2_sweep: tuple[float, ...] = (0.0, 1e-6, 1e-4)
+    learning_rate_sweep: tuple[float, ...] = (0.4, 0.2, 0.1)
+    linear_crop_scale: tuple[float, float] = (0.08, 1.0)
+    linear_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    linear_flip_prob: float = 0.5
+    standardize: bool = True
     validation_fraction: float = 0.1
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -324,6 +343,7 @@ class EvaluationConfig:
     projector_images: int = 1000
 
     def validate(self, prefix: str):
+        _check_choice(f"{prefix}.protocol", self.protocol, EVALUATION_PROTOCOLS)
         _check_range(f"{prefix}.linear_epochs", self.linear_epochs, 1, 10**5)
         _check_range(f"{prefix}.linear_batch_size", self.linear_batch_size, 1, 10**6)
         _check_range(
@@ -333,6 +353,13 @@ class EvaluationConfig:
             _fail(f"{prefix}.l2_sweep", "must hold at least one value")
         for value in self.l2_sweep:
             _check_range(f"{prefix}.l2_sweep", value, 0.0, 1.0)
+        if not self.learning_rate_sweep:
+            _fail(f"{prefix}.learning_rate_sweep", "must hold at least one value")
+        for value in self.learning_rate_sweep:
+            _check_range(f"{prefix}.learning_rate_sweep", value, 0.0, 100.0, low_open=True)
+        _check_pair(f"{prefix}.linear_crop_scale", self.linear_crop_scale, 0.0, 1.0, low_open=True)
+        _check_pair(f"{prefix}.linear_crop_ratio", self.linear_crop_ratio, 0.0, 100.0, low_open=True)
+        _check_range(f"{prefix}.linear_flip_prob", self.linear_flip_prob, 0.0, 1.0)
         _check_range(f"{prefix}.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
         _check_range(f"{prefix}.knn_k", self.knn_k, 1, 10**4)
         _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
@@ -383,13 +410,25 @@ def to_dict(config: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def to_json(config: Config) -> str:
+def to_json(config: Config, sections: Sequence[str] | None = None) -> str:
     """Canonical JSON of a config: sorted keys, no spaces, every field written out.
 
     The one serialised form that crosses process boundaries (TFX component parameters): the
     same experiment always gives the same string, so pipeline caches recognise it.
+
+    Args:
+        config: the experiment.
+        sections: only these top-level sections (e.g. ("data",)); `from_json` gives the
+            others their defaults. A pipeline step that reads only the data gets only the
+            data, so changing a training setting does not invalidate its cache.
     """
-    return json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    raw = to_dict(config)
+    if sections is not None:
+        unknown = sorted(set(sections) - set(raw))
+        if unknown:
+            raise ConfigError(f"config: unknown sections {unknown} (sections: {', '.join(raw)})")
+        raw = {name: raw[name] for name in sections}
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
 
 def from_json(text: str) -> Config:

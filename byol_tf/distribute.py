@@ -108,8 +108,8 @@ def precision_policy(config: DistributeConfig, jit_compile: bool = False) -> str
     """Keras dtype policy name: `precision`, with `auto` resolved for the hardware.
 
     `auto` is `mixed_bfloat16` on TPUs, and on GPUs with bfloat16 matrix units (compute
-    capability 8.0 or newer) when the step is XLA-compiled: on an H200 that was 1.44x the
-    float32 (TF32) step with XLA, but 0.90x without XLA (casts and unfused ops;
+    capability 8.0 or newer) when the step is XLA-compiled: faster than the float32 (TF32)
+    step with XLA, slower without it (casts and unfused ops;
     benchmarks/RESULTS.md). Everywhere else, CPUs included, `float32`.
     """
     if config.precision != "auto":
@@ -134,8 +134,8 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
 def resolve_jit_compile(setting: bool | str, strategy: tf.distribute.Strategy, deterministic: bool = False) -> bool:
     """`train.jit_compile` for `model.compile`.
 
-    `auto` is XLA on TPUs and on ONE GPU (measured: 3.5-5.5x on an H200). It stays off on
-    CPUs (0.78-0.87x), with several GPU replicas (not measured here; `true` turns it on), and
+    `auto` is XLA on TPUs and on ONE GPU (several times faster there). It stays off on
+    CPUs (slower there), with several GPU replicas (not measured; `true` turns it on), and
     with `train.deterministic`, as Keras' own `auto` (not every XLA op is deterministic).
     """
     if setting != "auto":

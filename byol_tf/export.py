@@ -3,6 +3,8 @@
 An export folder holds:
 
     saved_model.pb, variables/   the SavedModel (`tf.saved_model.load(export_dir)`)
+    assets.extra/tf_serving_warmup_requests
+                                 TF Serving warm-up requests (`byol_tf.serving`)
     encoder.keras                the encoder as a Keras file (`keras.models.load_model`)
     config.yaml                  the experiment config, when given
     metrics.json                 evaluation metrics, when given
@@ -16,6 +18,26 @@ Signatures (outputs are float32 dicts {"embedding": L2-normalised [B, d],
         an image fail the call with an InvalidArgumentError naming the batch index.
     embed_images(images: float32 [B, S, S, 3] in [0, 1])  already preprocessed images.
 
+The loaded object itself is callable, as TF-Hub-style loaders expect:
+`tf.saved_model.load(export_dir)(images)` takes float32 [B, S, S, 3] images in [0, 1] and
+returns the representation [B, d] (a tensor, not a dict).
+
+How the export is served:
+
+- TF Serving: the folder is one model version (put it at `MODEL_BASE/1/`). The warm-up
+  requests call `serving_default` with a PNG, a JPEG and a grayscale PNG of different
+  sizes, one at a time and then as one batch, so the server traces the decoding and the
+  encoder before it takes traffic. Over REST, bytes travel base64-encoded as
+  `{"b64": "..."}`: `{"instances": [{"image_bytes": {"b64": "..."}}]}` (row format) or
+  `{"inputs": {"image_bytes": [{"b64": "..."}]}}` (columnar); the server decodes the
+  base64, so the signature sees the raw image bytes.
+- Keras 3: `keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default")` (or
+  `"embed_images"`) is a layer returning the outputs dict.
+- `tf.saved_model.load(export_dir)`: `.signatures[...]`, or the root call above.
+
+`python -m byol_tf.serving EXPORT_DIR` loads an export and answers its warm-up requests as
+a server would; the pipeline's ServingCheck does that in a fresh process before the Pusher.
+
 The folder is written under a temporary name beside `export_dir` and renamed at the end,
 so a crash never leaves a half-written export where a server would look. Every path goes
 through `byol_tf.fileio` (`tf.io.gfile`): exports go to gs:// as well.
@@ -26,9 +48,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment, fileio
+from byol_tf import augment, fileio, serving
 from byol_tf import config as config_lib
 
 ENCODER_FILE = "encoder.keras"
@@ -38,6 +61,12 @@ EVALUATION_FILE = "evaluation.json"  # written into a run folder by `byol-tf tra
 
 SERVING_SIGNATURE = "serving_default"
 EMBED_IMAGES_SIGNATURE = "embed_images"
+IMAGE_BYTES_INPUT = "image_bytes"
+IMAGES_INPUT = "images"
+
+# (height, width, channels, format) of the warm-up images: both decoders, grayscale, and
+# landscape, portrait and square shapes to crop.
+_WARMUP_IMAGES = ((24, 32, 3, "png"), (40, 30, 3, "jpeg"), (20, 20, 1, "png"))
 
 # Magic numbers of the formats tf.io.decode_image reads; checked first so that a batch
 # with a non-image fails with a message that names the offending element.
@@ -45,7 +74,7 @@ _IMAGE_PREFIXES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
 
 class EncoderModule(tf.Module):
-    """The encoder and its two serving functions, as saved in the SavedModel.
+    """The encoder, its two signatures and its root call, as saved in the SavedModel.
 
     Args:
         encoder: float32 [B, S, S, 3] images in [0, 1] -> [B, d].
@@ -56,16 +85,21 @@ class EncoderModule(tf.Module):
         super().__init__(name="byol_encoder")
         self.encoder = encoder
         self.image_size = image_size
+        images_spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=IMAGES_INPUT)
         self.serve_bytes = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
+            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)]
         )
-        self.embed_images = tf.function(
-            self._embed_images,
-            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")],
-        )
+        self.embed_images = tf.function(self._embed_images, input_signature=[images_spec])
+        # TF-Hub's convention for a reusable SavedModel: the loaded object is callable and
+        # returns the feature vector itself. Saved as an attribute, so `loaded(images)`
+        # works after `tf.saved_model.load`.
+        self.__call__ = tf.function(self._representation, input_signature=[images_spec])
+
+    def _representation(self, images):
+        return tf.cast(self.encoder(images, training=False), tf.float32)
 
     def _outputs(self, images):
-        representation = tf.cast(self.encoder(images, training=False), tf.float32)
+        representation = self._representation(images)
         return {
             "embedding": tf.math.l2_normalize(representation, axis=-1),
             "representation": representation,
@@ -99,6 +133,33 @@ class EncoderModule(tf.Module):
         return augment.center_crop_resize(image, self.image_size)
 
 
+def warmup_images() -> list[bytes]:
+    """The images of the warm-up requests: an RGB PNG, a JPEG and a grayscale PNG, each of another size.
+
+    Gradients with a checkerboard, made here (nothing is read or downloaded).
+    """
+    images = []
+    for height, width, channels, image_format in _WARMUP_IMAGES:
+        rows, columns = np.mgrid[0:height, 0:width]
+        red, green = 255 * columns / (width - 1), 255 * rows / (height - 1)
+        checker = 255 * ((rows // 4 + columns // 4) % 2)
+        pixels = np.stack([red, green, checker], axis=-1) if channels == 3 else ((red + green + checker) / 3)[..., None]
+        encode = tf.io.encode_png if image_format == "png" else tf.io.encode_jpeg
+        images.append(encode(pixels.round().astype(np.uint8)).numpy())
+    return images
+
+
+def warmup_requests() -> list:
+    """The `serving_default` Predict requests written into every export, as PredictionLogs.
+
+    Each warm-up image alone (batch of 1), then all of them as one batch: TF Serving
+    replays them in this order when it loads the model.
+    """
+    images = warmup_images()
+    batches = [[image] for image in images] + [images]
+    return [serving.predict_log(SERVING_SIGNATURE, {IMAGE_BYTES_INPUT: batch}) for batch in batches]
+
+
 def export_encoder(
     encoder: keras.Model,
     export_dir: str,
@@ -108,7 +169,7 @@ def export_encoder(
     metrics: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Writes the encoder as a SavedModel with serving signatures, plus its Keras file.
+    """Writes the encoder as a SavedModel with serving signatures and warm-up requests, plus its Keras file.
 
     Args:
         encoder: float32 [B, S, S, 3] images in [0, 1] -> [B, d].
@@ -140,6 +201,7 @@ def export_encoder(
                 EMBED_IMAGES_SIGNATURE: module.embed_images,
             },
         )
+        serving.write_warmup_requests(staging, warmup_requests())
         encoder.save(fileio.join(staging, ENCODER_FILE))
         if config is not None:
             config_lib.save(config, fileio.join(staging, CONFIG_FILE))

@@ -153,14 +153,33 @@ def staging_dir(destination: str) -> str:
     return staging
 
 
-def replace_dir(source: str, destination: str) -> None:
-    """Renames folder `source` to `destination`, replacing an existing one.
+def copy_tree(source: str, destination: str) -> None:
+    """Copies folder `source` into `destination` (created), file by file."""
+    gfile = _gfile()
+    source = source.rstrip("/")
+    for root, _, files in gfile.walk(source):
+        relative = root[len(source):].lstrip("/")
+        target = join(destination, relative) if relative else destination
+        gfile.makedirs(target)
+        for name in files:
+            gfile.copy(join(root, name), join(target, name), overwrite=True)
 
-    On a local file system the rename is atomic, so readers (a model server watching the
-    folder) never see a half-written folder. An existing destination is moved aside first and
-    deleted after; if the rename fails, it is moved back.
+
+def replace_dir(source: str, destination: str) -> None:
+    """Moves folder `source` to `destination`, replacing an existing one.
+
+    On a local file system this is a rename, atomic: readers (a model server watching the
+    folder) never see a half-written folder; an existing destination is moved aside first and
+    deleted after, and moved back if the rename fails. Object stores (gs://, ...) have no
+    folder rename: there the files are copied, then the source is removed.
     """
     gfile = _gfile()
+    if is_remote(destination):
+        if gfile.exists(destination):
+            gfile.rmtree(destination)
+        copy_tree(source, destination)
+        gfile.rmtree(source)
+        return
     if not gfile.exists(destination):
         gfile.rename(source, destination)
         return

@@ -26,30 +26,30 @@ def _check_float(name, value, low, high=math.inf):
         raise ValueError(f"`{name}` must be in [{low}, {high}], got {value}.")
 
 
-def target_decay(step, total_steps, base_decay):
-    """EMA decay of the target network: ``1 - (1 - base) (cos(pi k / K) + 1) / 2``.
+def tau(step, total_steps, tau_base):
+    """EMA decay of the target network: ``tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2``.
 
-    Rises from ``base_decay`` at step 0 to 1 at ``total_steps``; steps outside
+    Rises from ``tau_base`` at step 0 to 1 at ``total_steps``; steps outside
     ``[0, total_steps]`` are clamped, so training past the plan keeps tau = 1.
 
     Args:
         step: Current step k, python int or integer/float tensor (e.g. int64).
         total_steps: Total number of training steps K, positive int or tensor.
-        base_decay: tau_base in [0, 1], e.g. 0.996.
+        tau_base: the decay at step 0, in [0, 1], e.g. 0.996.
 
     Returns:
         float32 scalar tensor (or the shape of ``step``).
 
     Raises:
-        ValueError: If a python ``total_steps`` or ``base_decay`` is out of range.
+        ValueError: If a python ``total_steps`` or ``tau_base`` is out of range.
     """
     if not tf.is_tensor(total_steps):
         _check_int("total_steps", total_steps, 1)
-    if not tf.is_tensor(base_decay):
-        _check_float("base_decay", base_decay, 0.0, 1.0)
+    if not tf.is_tensor(tau_base):
+        _check_float("tau_base", tau_base, 0.0, 1.0)
     total = tf.cast(total_steps, tf.float32)
     k = tf.clip_by_value(tf.cast(step, tf.float32), 0.0, total)
-    base = tf.cast(base_decay, tf.float32)
+    base = tf.cast(tau_base, tf.float32)
     return 1.0 - (1.0 - base) * (tf.cos(math.pi * k / total) + 1.0) / 2.0
 
 

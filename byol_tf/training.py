@@ -116,6 +116,29 @@ def build_model(config: config_lib.Config, total_steps: int, num_classes: int | 
     )
 
 
+def build_compiled_model(
+    config: config_lib.Config, runtime, steps_per_epoch: int, num_classes: int | None, *, one_replica_rule: bool = True
+) -> byol.BYOLModel:
+    """The BYOLModel `train` fits: built and compiled under `runtime`, optimizer built.
+
+    Args:
+        config: the experiment.
+        runtime: a `distribute.Runtime` (strategy, XLA, precision policy).
+        steps_per_epoch: sets the length of the learning-rate and tau schedules.
+        num_classes: classes of the online probe (None: no probe).
+        one_replica_rule: build the networks from `model_config` (plain BN on one replica),
+            as training does; False builds `config.network` as it is (benchmarks compare).
+    """
+    total_steps = config.train.epochs * steps_per_epoch
+    network_config = model_config(config, runtime.strategy) if one_replica_rule else config
+    with runtime.scope():
+        model = build_model(network_config, total_steps, num_classes)
+        optimizer = runtime.wrap_optimizer(build_optimizer(config, steps_per_epoch))
+        model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
+    runtime.prepare(model)
+    return model
+
+
 def train(
     config: config_lib.Config,
     *,
@@ -181,11 +204,7 @@ def train(
     total_steps = config.train.epochs * steps
 
     logger.debug("train: jit_compile %s, precision policy %s", runtime.jit_compile, runtime.policy)
-    with runtime.scope():
-        model = build_model(model_config(config, runtime.strategy), total_steps, num_classes)
-        optimizer = runtime.wrap_optimizer(build_optimizer(config, steps))
-        model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
-    runtime.prepare(model)
+    model = build_compiled_model(config, runtime, steps, num_classes)
 
     backup = None
     if config.train.keep_checkpoints:
@@ -240,7 +259,7 @@ def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) ->
     """The config the networks are built from: synchronised BN only with several replicas.
 
     With one replica it computes the same statistics as plain BN, but Keras then takes its
-    cross-replica path anyway, 6-11% slower on CPU (benchmarks/RESULTS.md, switches).
+    cross-replica path anyway, slower on CPU (benchmarks/RESULTS.md, switches).
     """
     if strategy.num_replicas_in_sync > 1 or not config.network.sync_batchnorm:
         return config

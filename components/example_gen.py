@@ -39,6 +39,8 @@ class IngestionReport(tfx.dsl.Artifact):
 
 
 REPORT_FILE = ingestion.REPORT_FILE
+# The config sections this step reads: the pipeline passes only these (its cache key).
+CONFIG_SECTIONS = ("data", "augment")
 
 
 @tfx.dsl.components.component

@@ -1,17 +1,21 @@
 """LinearEval: scores the Trainer's encoder with the linear protocol and blesses it or not.
 
-A thin adapter over `byol_tf.evaluation.evaluate`: it loads the train and eval splits of
-the `Examples` artifact into arrays, evaluates the encoder and the two baselines
-(random-init encoder, raw pixels) once each, and writes
+A thin adapter over `byol_tf.evaluation.evaluate`: it streams the train and eval splits of
+the `Examples` artifact through the config's linear protocol (`evaluation.protocol`),
+evaluates the encoder and the baselines (random-init encoder of the same architecture;
+raw pixels under the transfer protocol), and writes
 
-- `evaluation` (`byol_tf.LinearEvalMetrics`): `linear_eval.json` with the three rows
-  (top-1 / top-5 / kNN per representation) and the blessing decision; top-1 of each row
-  also as a float custom property (`byol_top1`, `random_init_top1`, `raw_pixels_top1`).
-- `blessing` (`ModelBlessing`, what the standard Pusher reads): `blessed` = 1 only if
-  byol top-1 >= random-init top-1 + `blessing_margin` AND byol top-1 >= the top-1 of the
-  latest blessed encoder (`baseline_blessing`, resolved from ML Metadata by the pipeline's
-  LatestBlessedModelStrategy resolver). The blessing carries `current_model_id` (so the
-  resolver can find it next run) and `byol_top1` (so the next run can compare with it).
+- `evaluation` (`byol_tf.LinearEvalMetrics`): `linear_eval.json` with the rows (validation
+  top-1, test top-1 / top-5, kNN per representation) and the blessing decision; each row's
+  `<name>_val_top1` and `<name>_top1` (test) also as float custom properties.
+- `blessing` (`ModelBlessing`, what the standard Pusher reads): `blessed` = 1 only if the
+  byol **validation** top-1 >= random-init validation top-1 + `blessing_margin` AND >= the
+  validation top-1 of the latest blessed encoder (`baseline_blessing`, resolved from ML
+  Metadata by the pipeline's LatestBlessedModelStrategy resolver). The validation split is
+  carved from the training images (`evaluation.validation_fraction`, seeded); the test
+  split (`eval`, held out of pretraining) is reported and never decides which encoder is
+  deployed. The blessing carries `current_model_id` (so the resolver can find it next run)
+  and `byol_val_top1` (so the next run can compare with it).
 
 Accuracies are fractions in [0, 1]; `blessing_margin=0.01` is one percentage point.
 """
@@ -20,10 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
-from absl import logging
 from tfx import types
 from tfx.dsl.components.base import base_component, base_executor, executor_spec
 from tfx.dsl.io import fileio
@@ -32,6 +36,8 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils, path_utils
 
 from byol_tfx.components import examples_io
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "linear_eval.json"
 BLESSED_FILE = "BLESSED"
@@ -43,7 +49,7 @@ CURRENT_MODEL_ID_KEY = "current_model_id"
 BASELINE_MODEL_KEY = "baseline_model"
 BASELINE_MODEL_ID_KEY = "baseline_model_id"
 MESSAGE_KEY = "blessing_message"
-BYOL_TOP1_KEY = "byol_top1"
+BYOL_VAL_TOP1_KEY = "byol_val_top1"
 # Accuracies are count / N: a tolerance keeps 0.51 >= 0.50 + 0.01 true in floating point.
 _TOLERANCE = 1e-9
 
@@ -63,58 +69,67 @@ class BlessingDecision:
 
 
 def decide_blessing(
-    byol_top1: float,
-    random_init_top1: float,
+    byol_val_top1: float,
+    random_init_val_top1: float,
     margin: float,
-    baseline_top1: float | None = None,
+    baseline_val_top1: float | None = None,
     same_model_as_baseline: bool = False,
 ) -> BlessingDecision:
-    """The blessing rule: beat the random-init baseline by `margin`, and do not regress.
+    """The blessing rule, on validation accuracy: beat random init by `margin`, do not regress.
 
     Args:
-        byol_top1: linear top-1 of the candidate encoder.
-        random_init_top1: linear top-1 of a random-init encoder of the same architecture.
+        byol_val_top1: linear validation top-1 of the candidate encoder.
+        random_init_val_top1: the same for a random-init encoder of the same architecture.
         margin: required gain over random init (fraction; 0.01 = one point).
-        baseline_top1: top-1 of the latest blessed encoder, None when there is none.
+        baseline_val_top1: validation top-1 of the latest blessed encoder, None when there
+            is none.
         same_model_as_baseline: the candidate IS the latest blessed encoder (a cached
             Trainer on a rerun); it is not compared with itself.
 
     Returns:
         The decision and a readable reason.
     """
-    if byol_top1 + _TOLERANCE < random_init_top1 + margin:
+    if byol_val_top1 + _TOLERANCE < random_init_val_top1 + margin:
         return BlessingDecision(
             False,
-            f"not blessed: byol top-1 {byol_top1:.4f} < random-init top-1 {random_init_top1:.4f} "
-            f"+ margin {margin:.4f}",
+            f"not blessed: byol validation top-1 {byol_val_top1:.4f} < random-init validation top-1 "
+            f"{random_init_val_top1:.4f} + margin {margin:.4f}",
         )
-    reason = f"byol top-1 {byol_top1:.4f} >= random-init top-1 {random_init_top1:.4f} + margin {margin:.4f}"
-    if baseline_top1 is None:
+    reason = (
+        f"byol validation top-1 {byol_val_top1:.4f} >= random-init validation top-1 "
+        f"{random_init_val_top1:.4f} + margin {margin:.4f}"
+    )
+    if baseline_val_top1 is None:
         return BlessingDecision(True, f"blessed: {reason}; no earlier blessed encoder")
     if same_model_as_baseline:
         return BlessingDecision(True, f"blessed: {reason}; it is the latest blessed encoder itself")
-    if byol_top1 + _TOLERANCE < baseline_top1:
+    if byol_val_top1 + _TOLERANCE < baseline_val_top1:
         return BlessingDecision(
-            False, f"not blessed: byol top-1 {byol_top1:.4f} < latest blessed encoder's {baseline_top1:.4f}"
+            False,
+            f"not blessed: byol validation top-1 {byol_val_top1:.4f} < latest blessed encoder's "
+            f"{baseline_val_top1:.4f}",
         )
-    return BlessingDecision(True, f"blessed: {reason}, and >= latest blessed encoder's {baseline_top1:.4f}")
+    return BlessingDecision(True, f"blessed: {reason}, and >= latest blessed encoder's {baseline_val_top1:.4f}")
 
 
-def baseline_top1_of(blessing: types.Artifact) -> float:
-    """Top-1 recorded on a blessing written by LinearEval (property, else its JSON file).
+def baseline_val_top1_of(blessing: types.Artifact) -> float:
+    """Validation top-1 recorded on a blessing written by LinearEval (property, else its JSON).
 
     Raises:
-        ValueError: the blessing has neither (it was not written by LinearEval).
+        ValueError: the blessing has neither (it was not written by this LinearEval).
     """
-    if blessing.has_custom_property(BYOL_TOP1_KEY):
-        return float(blessing.get_float_custom_property(BYOL_TOP1_KEY))
+    if blessing.has_custom_property(BYOL_VAL_TOP1_KEY):
+        return float(blessing.get_float_custom_property(BYOL_VAL_TOP1_KEY))
     path = os.path.join(blessing.uri, METRICS_FILE)
     if fileio.exists(path):
         with fileio.open(path) as stream:
-            return float(json.loads(stream.read())["rows"]["byol"]["top1"])
+            value = json.loads(stream.read())["rows"]["byol"].get("val_top1")
+        if value is not None:
+            return float(value)
     raise ValueError(
-        f"the latest blessed encoder's blessing {blessing.uri!r} records no byol top-1 "
-        f"(neither a {BYOL_TOP1_KEY!r} property nor {METRICS_FILE}); was it written by LinearEval?"
+        f"the latest blessed encoder's blessing {blessing.uri!r} records no byol validation top-1 "
+        f"(neither a {BYOL_VAL_TOP1_KEY!r} property nor a val_top1 in {METRICS_FILE}); was it "
+        "written by an older LinearEval? Run with --no-cache or a new pipeline name to start afresh."
     )
 
 
@@ -148,27 +163,23 @@ class Executor(base_executor.BaseExecutor):
 
         train_split = exec_properties.get("train_split") or "train"
         eval_split = exec_properties.get("eval_split") or "eval"
-        train_images, train_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, train_split))
-        test_images, test_labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, eval_split))
-
-        # Baselines always: the blessing rule needs the random-init row.
-        report = evaluation.evaluate(
-            load_encoder(model),
-            config,
-            baselines=True,
-            arrays=(train_images, train_labels, test_images, test_labels),
-            progress=False,
+        # Streamed, never loaded whole: the protocol reads the splits batch by batch.
+        datasets = tuple(
+            examples_io.image_dataset(examples_io.split_file_patterns(examples, split))
+            for split in (train_split, eval_split)
         )
+        # Baselines always: the blessing rule needs the random-init row.
+        report = evaluation.evaluate(load_encoder(model), config, baselines=True, datasets=datasets, progress=False)
 
         rows = report.rows
         baseline_blessing = baseline_blessings[0] if baseline_blessings else None
         baseline_model = baseline_models[0] if baseline_models else None
-        baseline_top1 = baseline_top1_of(baseline_blessing) if baseline_blessing is not None else None
+        baseline_val_top1 = baseline_val_top1_of(baseline_blessing) if baseline_blessing is not None else None
         decision = decide_blessing(
-            rows[evaluation.BYOL]["top1"],
-            rows[evaluation.RANDOM_INIT]["top1"],
+            rows[evaluation.BYOL]["val_top1"],
+            rows[evaluation.RANDOM_INIT]["val_top1"],
             margin,
-            baseline_top1,
+            baseline_val_top1,
             same_model_as_baseline=baseline_model is not None and baseline_model.id == model.id,
         )
 
@@ -178,7 +189,7 @@ class Executor(base_executor.BaseExecutor):
             "blessed": decision.blessed,
             "message": decision.message,
             "margin": margin,
-            "baseline_top1": baseline_top1,
+            "baseline_val_top1": baseline_val_top1,
             "baseline_model": baseline_model.uri if baseline_model is not None else None,
             "model": model.uri,
             "train_split": train_split,
@@ -187,6 +198,7 @@ class Executor(base_executor.BaseExecutor):
         text = json.dumps(document, indent=2, sort_keys=True)
         io_utils.write_string_file(os.path.join(metrics.uri, METRICS_FILE), text)
         for name, row in rows.items():
+            metrics.set_float_custom_property(f"{name}_val_top1", float(row["val_top1"]))
             metrics.set_float_custom_property(f"{name}_top1", float(row["top1"]))
             metrics.set_float_custom_property(f"{name}_top5", float(row["top5"]))
         metrics.set_int_custom_property(BLESSED_KEY, int(decision.blessed))
@@ -198,12 +210,12 @@ class Executor(base_executor.BaseExecutor):
         blessing.set_int_custom_property(BLESSED_KEY, int(decision.blessed))
         blessing.set_string_custom_property(CURRENT_MODEL_KEY, model.uri)
         blessing.set_int_custom_property(CURRENT_MODEL_ID_KEY, model.id)
-        blessing.set_float_custom_property(BYOL_TOP1_KEY, float(rows[evaluation.BYOL]["top1"]))
+        blessing.set_float_custom_property(BYOL_VAL_TOP1_KEY, float(rows[evaluation.BYOL]["val_top1"]))
         blessing.set_string_custom_property(MESSAGE_KEY, decision.message)
         if baseline_model is not None:
             blessing.set_string_custom_property(BASELINE_MODEL_KEY, baseline_model.uri)
             blessing.set_int_custom_property(BASELINE_MODEL_ID_KEY, baseline_model.id)
-        logging.info("LinearEval:\n%s\n%s", report.format_table(), decision.message)
+        logger.info("LinearEval: %s", decision.message)
 
 
 class LinearEvalSpec(ComponentSpec):

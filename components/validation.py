@@ -29,7 +29,7 @@ the components only move artifacts.
 import os
 from typing import Dict, List, Optional
 
-# TFDV 1.16 imports a module that TFX 1.21 provides: tfx first (DESIGN.md).
+# TFDV 1.16 imports a module that TFX 1.21 provides: tfx first (docs/DESIGN.md).
 from tfx import v1 as tfx
 from tfx.components.statistics_gen import stats_artifact_utils
 from tfx.types import artifact_utils, standard_artifacts
@@ -45,6 +45,8 @@ ANOMALIES_FILE = "SchemaDiff.pb"  # ExampleValidator's per-split binary Anomalie
 LABEL = "label"
 IMAGE = "image"
 SIZE_FEATURES = ("height", "width")
+# The config sections this step reads: the pipeline passes only these (its cache key).
+CONFIG_SECTIONS = ("data", "augment")
 
 
 class DataValidationError(ValueError):

@@ -103,7 +103,7 @@ COMMANDS = {"run": _run, "compile": _compile}
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logs.prepare_environment(args.verbose)
+    logs.prepare_environment(args.verbose, modules=("tensorflow", "tfx.v1"))
     logs.configure(args.verbose)
     return library_cli.run_command(COMMANDS, args, prog="byol-tf-pipeline")
 

@@ -64,6 +64,8 @@ class RunSummary:
         blessing_message: LinearEval's reason.
         pushed_to: where the Pusher copied the encoder in this run, or None.
         latest_pushed: the newest pushed encoder of any run of this pipeline, or None.
+        serving_check: ServingCheck's reason (it loads the encoder in a fresh process and
+            answers its warm-up requests), or None when it did not run.
         embeddings: EmbedImages' Parquet folder in this run, or None (not enabled, or skipped).
     """
 
@@ -74,6 +76,7 @@ class RunSummary:
     blessing_message: str
     pushed_to: str | None
     latest_pushed: str | None
+    serving_check: str | None = None
     embeddings: str | None = None
 
     def format(self) -> str:
@@ -82,6 +85,8 @@ class RunSummary:
         if self.linear_eval:
             lines.append(self.linear_eval["table"])
         lines.append(f"LinearEval: {self.blessing_message}")
+        if self.serving_check:
+            lines.append(f"ServingCheck: {self.serving_check}")
         if self.pushed_to:
             lines.append(f"blessed encoder pushed to {self.pushed_to}")
         else:
@@ -126,7 +131,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
     from tfx.orchestration import metadata
     from tfx.types import standard_artifacts
 
-    from byol_tfx.components import embed_images, linear_eval
+    from byol_tfx.components import embed_images, linear_eval, serving_check
 
     store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
     pipeline_context = store.get_context_by_type_and_name(constants.PIPELINE_CONTEXT_TYPE_NAME, pipeline_name)
@@ -144,7 +149,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
     run = max(runs, key=lambda context: context.id)
 
     states: dict[str, list[str]] = {}
-    linear_eval_doc, blessed, message, pushed_to = None, False, "LinearEval did not run", None
+    linear_eval_doc, blessed, message, pushed_to, serving_message = None, False, "LinearEval did not run", None, None
     embeddings = None
     for execution in sorted(store.get_executions_by_context(run.id), key=lambda e: e.id):
         node = _node_id(store, execution)
@@ -157,6 +162,8 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
                     linear_eval_doc = json.load(stream)
                 blessed = bool(linear_eval_doc["blessing"]["blessed"])
                 message = linear_eval_doc["blessing"]["message"]
+            elif type_name == standard_artifacts.InfraBlessing.TYPE_NAME:
+                serving_message = properties[serving_check.MESSAGE_KEY].string_value
             elif type_name == standard_artifacts.PushedModel.TYPE_NAME and properties["pushed"].int_value == 1:
                 pushed_to = properties["pushed_destination"].string_value
             elif type_name == embed_images.Embeddings.TYPE_NAME and properties[embed_images.EMBEDDED_KEY].int_value:
@@ -178,6 +185,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
         blessing_message=message,
         pushed_to=pushed_to,
         latest_pushed=latest_pushed,
+        serving_check=serving_message,
         embeddings=embeddings,
     )
 

@@ -1,4 +1,4 @@
-"""The BYOL TFX pipeline: ingestion -> validation -> pretraining -> linear evaluation -> push.
+"""The BYOL TFX pipeline: ingestion -> validation -> pretraining -> serving check + linear evaluation -> push.
 
 `create_pipeline` takes every setting as an argument and has no side effects: the
 runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
@@ -8,9 +8,12 @@ orchestrator. Components are thin adapters over `byol_tf`:
     StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
                       -> validated_schema, only when the examples have no anomaly
     Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
+    ServingCheck      model -> infra blessing: loads in a fresh process, answers its warm-up
+                      requests (byol_tf.serving)
     Resolver          ML Metadata -> the latest blessed model and its blessing
     LinearEval        examples + model + latest blessed -> metrics, blessing (byol_tf.evaluation)
-    Pusher            model + blessing -> push_destination/<timestamp>/ when blessed
+    Pusher            model + blessing + infra blessing -> push_destination/<timestamp>/
+                      when both are blessed
     EmbedImages       examples + pushed model -> Parquet embeddings of one split (optional,
                       `embed_split`; byol_tf.embed, on Beam)
 """
@@ -30,6 +33,7 @@ TRAINER_RUN_FN = "byol_tfx.components.trainer_module.run_fn"
 # Node ids, also the task names in the compiled Vertex pipeline.
 EXAMPLE_GEN = "ImageExampleGen"
 TRAINER = "Trainer"
+SERVING_CHECK = "ServingCheck"
 LATEST_BLESSED_MODEL_RESOLVER = "latest_blessed_model_resolver"
 LINEAR_EVAL = "LinearEval"
 PUSHER = "Pusher"
@@ -60,9 +64,11 @@ def create_pipeline(
     Args:
         pipeline_name: the pipeline's name in ML Metadata (the cache is per name).
         pipeline_root: folder (or gs:// path) for the artifacts.
-        config: the experiment. It is serialised once (`byol_tf.config.to_json`, canonical,
-            so the same experiment keeps its cache key) and every custom component, and the
-            Trainer's `custom_config`, get that one string.
+        config: the experiment, serialised by `byol_tf.config.to_json` (canonical, so the
+            same experiment keeps its cache keys): every custom component and the Trainer's
+            `custom_config` get it as their one `config` parameter. Ingestion and validation
+            get the sections they read only (their modules' `CONFIG_SECTIONS`), so a change
+            of training settings reruns training, not ingestion.
         metadata_connection_config: ML Metadata connection (None on Vertex, which has its own).
         beam_pipeline_args: for the Beam-based components (DirectRunner, Dataflow, ...).
         push_destination: base folder of the pushed encoders (one timestamped folder per push).
@@ -87,6 +93,7 @@ def create_pipeline(
     from byol_tfx.components import embed_images as embed_images_lib
     from byol_tfx.components import example_gen as example_gen_lib
     from byol_tfx.components import linear_eval as linear_eval_lib
+    from byol_tfx.components import serving_check as serving_check_lib
     from byol_tfx.components import trainer_module
     from byol_tfx.components import validation as validation_lib
 
@@ -95,12 +102,14 @@ def create_pipeline(
     config_json = config_lib.to_json(config)
 
     example_gen = example_gen_lib.ImageExampleGen(
-        config=config_json,
+        config=config_lib.to_json(config, example_gen_lib.CONFIG_SECTIONS),
         max_bad_fraction=max_bad_fraction,
         **({"source_fingerprint": source_fingerprint} if source_fingerprint else {}),
     ).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
-    validation = validation_lib.validation_components(examples, config_json)
+    validation = validation_lib.validation_components(
+        examples, config_lib.to_json(config, validation_lib.CONFIG_SECTIONS)
+    )
 
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_RUN_FN,
@@ -110,6 +119,12 @@ def create_pipeline(
         schema=validation["validation_gate"].outputs["validated_schema"],
         custom_config=trainer_module.custom_config(config_json),
     ).with_id(TRAINER)
+
+    # What InfraValidator does, without a model server: nothing is pushed that does not load
+    # and answer its warm-up requests in a fresh process.
+    serving_check = serving_check_lib.ServingCheck(model=trainer.outputs["model"], config=config_json).with_id(
+        SERVING_CHECK
+    )
 
     latest_blessed = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
@@ -129,6 +144,7 @@ def create_pipeline(
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=linear_eval.outputs["blessing"],
+        infra_blessing=serving_check.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_destination)
         ),
@@ -145,7 +161,9 @@ def create_pipeline(
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,
-        components=[example_gen, *validation.values(), trainer, latest_blessed, linear_eval, pusher, *embedding],
+        components=[
+            example_gen, *validation.values(), trainer, serving_check, latest_blessed, linear_eval, pusher, *embedding
+        ],
         enable_cache=enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(beam_pipeline_args or []),

@@ -334,3 +334,16 @@ def test_interleaved_alternates_and_skips_warmup():
     times = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
+
+
+# ------------------------------------------------------------------------ keras-cv ops
+
+
+def test_keras_cv_ops_smoke_compares_both_sides(capsys, tmp_path):
+    pytest.importorskip("keras_cv")
+    from benchmarks import keras_cv_ops
+
+    (record,) = _run_main(keras_cv_ops, [], capsys, tmp_path)
+    _check_record(record, "keras_cv_ops", "ratio")
+    assert record["value"] == pytest.approx(record["keras_cv_s"] / record["byol_tf_s"], rel=1e-3)
+    assert record["byol_tf_images_per_s"] == pytest.approx(record["config"]["batch"] / record["byol_tf_s"], rel=1e-3)

@@ -51,6 +51,10 @@ def test_imagenet_preset_matches_the_paper():
     )
     assert cfg.augment.view1 == config.ViewConfig(**common, blur_prob=1.0, solarize_prob=0.0)
     assert cfg.augment.view2 == config.ViewConfig(**common, blur_prob=0.1, solarize_prob=0.2)
+    evaluation = cfg.evaluation
+    assert (evaluation.protocol, evaluation.linear_epochs, evaluation.linear_flip_prob) == ("imagenet", 80, 0.5)
+    assert evaluation.linear_crop_scale == (0.08, 1.0) and 0.2 in evaluation.learning_rate_sweep
+    assert round(evaluation.validation_fraction * 1000) == 8  # ~10 of each class's ~1,281 images
 
 
 @pytest.mark.parametrize("encoder", config.BOTTLENECK_RESNETS)
@@ -93,6 +97,14 @@ def test_overrides_parse_yaml_values():
     assert cfg.data.cache is False
 
 
+def test_evaluation_protocol_defaults_to_transfer_and_imagenet_has_its_fields():
+    default = config.from_dict({}).evaluation
+    assert default.protocol == "transfer" and default.standardize
+    assert (default.linear_crop_scale, default.linear_crop_ratio, default.linear_flip_prob) == ((0.08, 1.0), (0.75, 4 / 3), 0.5)
+    imagenet = config.from_dict({"evaluation": {"protocol": "imagenet", "learning_rate_sweep": [0.3, 0.1]}}).evaluation
+    assert imagenet.protocol == "imagenet" and imagenet.learning_rate_sweep == (0.3, 0.1)
+
+
 def test_configs_are_frozen():
     cfg = config.from_dict({})
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -124,6 +136,13 @@ def test_configs_are_frozen():
         ({"train": {"jit_compile": "yes"}}, r"^train\.jit_compile: expected true, false or 'auto', got 'yes'"),
         ({"train": {"jit_compile": 1}}, r"^train\.jit_compile: expected a bool or str, got 1"),
         ({"data": []}, r"^data: expected a mapping"),
+        ({"evaluation": {"protocol": "linear"}}, r"^evaluation\.protocol: 'linear' is not one of 'transfer', 'imagenet'"),
+        ({"evaluation": {"learning_rate_sweep": []}}, r"^evaluation\.learning_rate_sweep: must hold at least one value"),
+        ({"evaluation": {"learning_rate_sweep": [0.1, 0.0]}}, r"^evaluation\.learning_rate_sweep: 0\.0 is outside"),
+        ({"evaluation": {"linear_crop_scale": [0.5, 0.1]}}, r"^evaluation\.linear_crop_scale: min 0\.5 is greater"),
+        ({"evaluation": {"linear_crop_ratio": [0.0, 1.0]}}, r"^evaluation\.linear_crop_ratio: 0\.0 is outside"),
+        ({"evaluation": {"linear_flip_prob": 2}}, r"^evaluation\.linear_flip_prob: 2\.0 is outside"),
+        ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
         ({"evaluation": {"projector_images": -1}}, r"^evaluation\.projector_images: -1 is outside the allowed range \[0, 10000\]"),
         ({"evaluation": {"projector_images": 10_001}}, r"^evaluation\.projector_images: 10001 is outside"),
     ],
@@ -189,3 +208,8 @@ def test_json_round_trip_is_canonical():
     assert ": " not in text and text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     with pytest.raises(config.ConfigError, match="^config: not a JSON config"):
         config.from_json("{not json")
+    # A part of the config: only those sections, the others back to their defaults.
+    data_only = config.from_json(config.to_json(cfg, sections=("data",)))
+    assert data_only.data == cfg.data and data_only.train == config.TrainConfig()
+    with pytest.raises(config.ConfigError, match="unknown sections"):
+        config.to_json(cfg, sections=("data", "dat"))

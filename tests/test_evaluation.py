@@ -1,8 +1,9 @@
-"""Tests for byol_tf.evaluation (linear protocol, kNN, baselines) and `byol-tf eval`."""
+"""Tests for byol_tf.evaluation (both linear protocols, kNN, baselines) and `byol-tf eval`."""
 
-import glob
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from byol_tf import augment, evaluation
-from byol_tf.config import Config, EvaluationConfig, NetworkConfig, AugmentConfig
+from byol_tf.config import AugmentConfig, Config, EvaluationConfig, NetworkConfig, ViewConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = EvaluationConfig(linear_epochs=10, linear_batch_size=64, l2_sweep=(0.0, 1e-4, 1e-2), validation_fraction=0.2)
 
@@ -45,6 +48,20 @@ def _quadrant_encoder(size=16):
     inputs = keras.Input((size, size, 3))
     pooled = keras.layers.AveragePooling2D(size // 2)(inputs)
     return keras.Model(inputs, keras.layers.Flatten()(pooled))
+
+
+def _colour_images(num, size=20, seed=0):
+    """Class c = a dominant colour (red, green, blue, grey) under noise: any crop or flip keeps it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, num)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [120, 120, 120]])
+    images = base[labels][:, None, None, :] + rng.normal(0, 30, size=(num, size, size, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def _mean_colour_encoder(size=16):
+    inputs = keras.Input((size, size, 3))
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
 
 
 def _tiny_convnet(size=16, seed=0):
@@ -103,6 +120,22 @@ def test_standardization_uses_train_statistics():
     np.testing.assert_allclose(classifier.std, x.std(axis=0), rtol=1e-4)
 
 
+def test_parts_larger_than_the_shuffle_budget_stream_from_the_file(monkeypatch, tmp_path):
+    # Two records of features, a budget of 40 floats (5 rows of 8): the carved part streams
+    # through a shuffle buffer instead of being read into memory; it learns as well.
+    x, y = _blobs(300)
+    features = evaluation._write_features([(x[:150], y[:150]), (x[150:], y[150:])], str(tmp_path / "f"), "train")
+    mask = np.arange(300) % 4 != 0
+    standardization = evaluation.standardization(x[mask])
+    config = EvaluationConfig(linear_epochs=5, linear_batch_size=32)
+    accuracies = {}
+    for budget in (1 << 26, 40):
+        monkeypatch.setattr(evaluation, "_SHUFFLE_FEATURE_ELEMENTS", budget)
+        classifier = evaluation._fit_features(features, mask, 4, 0.0, config, 0, standardization)
+        accuracies[budget] = evaluation.top_k_accuracy(classifier.logits(x[~mask]), y[~mask], 1)
+    assert min(accuracies.values()) >= 0.95, accuracies
+
+
 def test_l2_is_chosen_on_validation_not_test(monkeypatch):
     """l2=0 is right on the training distribution, l2=0.5 on the test set: 0 must win.
 
@@ -125,24 +158,25 @@ def test_l2_is_chosen_on_validation_not_test(monkeypatch):
 
     calls = []
 
-    def fake_train(x, y, num_classes, l2, **kwargs):
-        calls.append((len(y), l2))
+    def fake_fit(train, mask, num_classes, l2, config, seed, standardization):
+        calls.append((len(train.labels) if mask is None else int(mask.sum()), l2))
         return Fake(0 if l2 == 0.0 else 1)
 
-    monkeypatch.setattr(evaluation, "train_linear_classifier", fake_train)
+    monkeypatch.setattr(evaluation, "_fit_features", fake_fit)
     config = EvaluationConfig(l2_sweep=(0.5, 0.0), validation_fraction=0.2)
     result = evaluation.linear_evaluation(train_x, train_y, test_x, test_y, num_classes, config)
-    assert result["l2"] == 0.0
-    assert result["sweep"] == {0.5: 0.0, 0.0: 1.0}
+    assert result["l2"] == 0.0 and result["swept"] == "l2"
+    assert result["sweep"] == {0.5: 0.0, 0.0: 1.0} and result["val_top1"] == 1.0
     assert result["top1"] == 0.0  # the test set would have preferred 0.5
     # Sweep on the training part only, then one refit on the whole training split.
-    assert calls[:2] == [(72, 0.5), (72, 0.0)] and calls[2] == (90, 0.0)
+    assert calls == [(72, 0.5), (72, 0.0), (90, 0.0)]
+    assert result["num_validation"] == 18
 
 
 def test_chosen_l2_does_not_depend_on_test_labels():
     # Few examples, many noise dimensions: the L2 weight matters, so the sweep has a choice.
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(300, 40)).astype(np.float32)
+    x = rng.normal(size=(300, 100)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + 2 * (x[:, 2] > 0)
     config = EvaluationConfig(linear_epochs=5, linear_batch_size=32, l2_sweep=(0.0, 0.01, 1.0), validation_fraction=0.3)
     first = evaluation.linear_evaluation(x[:150], y[:150], x[150:], y[150:], 4, config)
@@ -154,11 +188,20 @@ def test_chosen_l2_does_not_depend_on_test_labels():
     assert first["top1"] != second["top1"]
 
 
-def test_single_l2_skips_the_sweep():
-    x, y = _blobs(200)
-    config = EvaluationConfig(linear_epochs=2, linear_batch_size=64, l2_sweep=(1e-4,))
-    result = evaluation.linear_evaluation(x[:150], y[:150], x[150:], y[150:], 4, config)
-    assert result["l2"] == 1e-4 and result["val_top1"] is None and result["sweep"] == {}
+def test_single_l2_is_still_scored_on_validation():
+    # The blessing reads val_top1, so a sweep of one value still trains on the carved
+    # training part and scores the validation part (a reference built from the public
+    # pieces: the same split, a classifier on the rest, its top-1 on the part).
+    x, y = _blobs(200, spread=1.0)
+    config = EvaluationConfig(linear_epochs=2, linear_batch_size=64, l2_sweep=(1e-4,), validation_fraction=0.25)
+    result = evaluation.linear_evaluation(x[:150], y[:150], x[150:], y[150:], 4, config, seed=2)
+    fit, val = evaluation.validation_split(y[:150], 0.25, seed=2)
+    rate = config.linear_base_learning_rate
+    classifier = evaluation.train_linear_classifier(x[fit], y[fit], 4, 1e-4, 2, 64, rate, seed=2)
+    expected = evaluation.top_k_accuracy(classifier.logits(x[val]), y[val], 1)
+    assert result["l2"] == 1e-4 and result["sweep"] == {1e-4: result["val_top1"]}
+    assert result["val_top1"] == pytest.approx(expected)
+    assert result["num_validation"] == len(val) and 0.0 < result["val_top1"] < 1.0
 
 
 def test_top_k_accuracy_by_hand():
@@ -193,6 +236,71 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
     other, _ = evaluation.validation_split(labels, 0.1, seed=1)
     np.testing.assert_array_equal(train, again)
     assert not np.array_equal(train, other)
+
+
+# ------------------------------------------------------------------ streaming pieces
+
+
+def test_moments_combine_and_split_match_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(103, 5)) * [1, 10, 100, 1e3, 1e-3] + 1e4).astype(np.float32)
+    mask = rng.random(103) < 0.3
+    batches = [(x[start : start + 16], np.zeros(16)) for start in range(0, 103, 16)]
+    inside, outside = evaluation._split_moments(batches, mask)
+    for part, rows in ((inside, x[mask]), (outside, x[~mask])):
+        assert part.count == len(rows)
+        np.testing.assert_allclose(part.mean, rows.astype(np.float64).mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(part.m2, rows.astype(np.float64).var(axis=0) * len(rows), rtol=1e-9)
+    mean, std = inside.combine(outside).standardization()
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(std, x.astype(np.float64).std(axis=0), rtol=1e-5)
+    # A constant dimension gets the floor, not a division by zero.
+    np.testing.assert_array_equal(evaluation.Moments.of(np.ones((4, 2))).standardization()[1], np.float32(1e-6))
+
+
+def test_feature_file_round_trip_and_label_checks(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    y = np.arange(10) % 4
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    features = evaluation._write_features(batches, str(tmp_path / "f.tfrecord"), "train")
+    assert features.dim == 3 and features.labels.tolist() == y.tolist()
+    read = list(features.batches(batch_size=3))
+    np.testing.assert_array_equal(np.concatenate([batch[0] for batch in read]), x)
+    mask = np.arange(10) % 3 == 0
+    (chosen, labels), = features.batches(mask)
+    np.testing.assert_array_equal(chosen, x[mask])
+    assert labels.tolist() == y[mask].tolist()
+    streamed = list(features.examples(mask).as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack([row["x"] for row in streamed]), x[mask])
+    assert [row["label"] for row in streamed] == y[mask].tolist()
+    with pytest.raises(evaluation.NoLabelsError, match="'test' split has unlabelled"):
+        evaluation._write_features([(x[:2], np.array([0, -1]))], str(tmp_path / "g.tfrecord"), "test")
+    with pytest.raises(ValueError, match="'train' split is empty"):
+        evaluation._write_features([], str(tmp_path / "h.tfrecord"), "train")
+
+
+def test_streaming_knn_matches_brute_force_and_breaks_ties_by_index(monkeypatch):
+    # Small chunks: three query chunks, each a pass over a bank read four rows at a time.
+    monkeypatch.setattr(evaluation, "_KNN_QUERY_ROWS", 10)
+    monkeypatch.setattr(evaluation, "_KNN_CHUNK_ELEMENTS", 40)
+    rng = np.random.default_rng(3)
+    # Random rows, then each axis three times with different labels: a query's similarity
+    # to an axis is exactly its coordinate, so those are exact ties the lowest index must win.
+    train_x = np.concatenate([rng.normal(size=(15, 4)), np.tile(np.eye(4), (3, 1))]).astype(np.float32)
+    train_y = rng.integers(0, 3, len(train_x))
+    test_x = rng.normal(size=(25, 4)).astype(np.float32)
+    test_y = rng.integers(0, 3, 25)
+    train = evaluation._Features.from_arrays(train_x, train_y)
+    test = evaluation._Features.from_arrays(test_x, test_y)
+    for k in (1, 3, 8):
+        expected = _knn_reference(train_x, train_y, test_x, 3, k, 0.1)
+        streamed = evaluation._knn_predictions(test_x, train.batches(batch_size=4), 3, k, 0.1)
+        np.testing.assert_array_equal(streamed, expected)
+        in_memory = evaluation.knn_predict(train_x, train_y, test_x, 3, k, 0.1, chunk_size=7)
+        np.testing.assert_array_equal(in_memory, expected)
+        accuracy = evaluation._streaming_knn_accuracy(train, test, 3, k, 0.1)
+        assert accuracy == pytest.approx(np.mean(expected == test_y))
 
 
 # ------------------------------------------------------------------------------ kNN
@@ -284,25 +392,63 @@ def _toy_config(**evaluation_overrides):
     )
 
 
+ROW_KEYS = {
+    "top1", "top5", "val_top1", "l2", "learning_rate", "swept", "sweep", "num_train", "num_validation",
+    "num_test", "knn_top1", "feature_dim", "seconds",
+}
+
+
 def test_evaluate_reports_three_rows_and_serialises():
     images, labels = _quadrant_images(200)
     arrays = (images[:140], labels[:140], images[140:], labels[140:])
     report = evaluation.evaluate(_quadrant_encoder(), _toy_config(), arrays=arrays, progress=False)
+    assert report.protocol == "transfer"
     assert list(report.rows) == ["byol", "random_init", "raw_pixels"]
+    _, validation = evaluation.validation_split(labels[:140], 0.1, seed=0)
     for row in report.rows.values():
+        assert set(row) == ROW_KEYS
         assert 0.0 <= row["top1"] <= row["top5"] <= 1.0
-        assert row["num_train"] == 140 and row["num_test"] == 60
+        assert row["num_train"] == 140 and row["num_test"] == 60 and row["num_validation"] == len(validation)
         assert 0.0 <= row["knn_top1"] <= 1.0
+        assert row["swept"] == "l2" and row["val_top1"] == row["sweep"][row["l2"]]
+        assert row["learning_rate"] == 0.2
     assert report.rows["byol"]["top1"] >= 0.95
     assert report.rows["byol"]["feature_dim"] == 12
     assert report.rows["random_init"]["feature_dim"] == 256  # small_convnet at width 1
     assert report.rows["raw_pixels"]["feature_dim"] == 16 * 16 * 3
     table = report.format_table().splitlines()
-    assert len(table) == 3 + 3
+    assert len(table) == 3 + 3 and "transfer protocol" in table[0]
     assert [line.split()[0] for line in table[3:]] == ["byol", "random_init", "raw_pixels"]
+    # The validation column sits after top-1 and top-5.
+    assert float(table[3].split()[3]) == pytest.approx(100 * report.rows["byol"]["val_top1"], abs=0.01)
     as_dict = json.loads(json.dumps(report.to_dict()))
+    assert set(as_dict) == {"protocol", "num_classes", "num_train", "num_test", "rows"}
+    assert as_dict["protocol"] == "transfer"
     assert as_dict["num_classes"] == 4 and set(as_dict["rows"]) == set(report.rows)
     assert as_dict["rows"]["byol"]["top1"] == report.rows["byol"]["top1"]
+    assert as_dict["rows"]["byol"]["val_top1"] == report.rows["byol"]["val_top1"]
+
+
+def test_transfer_protocol_reads_datasets_as_it_reads_arrays():
+    images, labels = _quadrant_images(120)
+    arrays = (images[:80], labels[:80], images[80:], labels[80:])
+    config = _toy_config(l2_sweep=(0.0, 1e-2), linear_epochs=3)
+    from_arrays = evaluation.evaluate(_quadrant_encoder(), config, arrays=arrays, baselines=False, progress=False)
+
+    def dataset(images, labels):
+        # Each element made when read, from its index.
+        images, labels = tf.constant(images), tf.constant(labels)
+        return tf.data.Dataset.range(len(labels)).map(
+            lambda index: {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
+        )
+
+    datasets = (dataset(images[:80], labels[:80]), dataset(images[80:], labels[80:]))
+    from_datasets = evaluation.evaluate(_quadrant_encoder(), config, datasets=datasets, baselines=False, progress=False)
+    for report in (from_arrays, from_datasets):
+        report.rows["byol"].pop("seconds")
+    assert from_arrays.rows == from_datasets.rows
+    with pytest.raises(ValueError, match="datasets or arrays, not both"):
+        evaluation.evaluate(_quadrant_encoder(), config, datasets=datasets, arrays=arrays, progress=False)
 
 
 def test_evaluate_without_baselines_and_the_random_init_is_reseeded():
@@ -317,11 +463,216 @@ def test_evaluate_without_baselines_and_the_random_init_is_reseeded():
     assert first.rows["random_init"]["knn_top1"] == again.rows["random_init"]["knn_top1"]
 
 
-def test_evaluate_rejects_unlabelled_data():
+@pytest.mark.parametrize("protocol", ["transfer", "imagenet"])
+def test_evaluate_rejects_unlabelled_data(protocol):
     images, labels = _quadrant_images(40)
     arrays = (images[:20], labels[:20], images[20:], -np.ones(20, np.int64))
     with pytest.raises(evaluation.NoLabelsError, match="'test' split has unlabelled"):
-        evaluation.evaluate(_quadrant_encoder(), _toy_config(), arrays=arrays, progress=False)
+        evaluation.evaluate(_quadrant_encoder(), _toy_config(protocol=protocol), arrays=arrays, progress=False)
+
+
+# ------------------------------------------------------------------ imagenet protocol
+
+
+def _images_dataset(images, labels):
+    return tf.data.Dataset.from_tensor_slices({"image": images, "label": np.asarray(labels, np.int64)})
+
+
+def test_imagenet_protocol_end_to_end_with_the_random_init_baseline():
+    images, labels = _colour_images(120)
+    datasets = (_images_dataset(images[:80], labels[:80]), _images_dataset(images[80:], labels[80:]))
+    config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.4, 0.05), linear_epochs=3, validation_fraction=0.2)
+    report = evaluation.evaluate(_mean_colour_encoder(), config, datasets=datasets, progress=False)
+    assert report.protocol == "imagenet"
+    assert list(report.rows) == ["byol", "random_init"]  # raw pixels: transfer only
+    _, validation = evaluation.validation_split(labels[:80], 0.2, seed=0)
+    for row in report.rows.values():
+        assert set(row) == ROW_KEYS
+        assert row["swept"] == "learning_rate" and set(row["sweep"]) == {0.4, 0.05}
+        assert row["val_top1"] == row["sweep"][row["learning_rate"]] and row["l2"] == 0.0
+        assert row["knn_top1"] is None
+        assert row["num_train"] == 80 and row["num_test"] == 40 and row["num_validation"] == len(validation)
+    byol = report.rows["byol"]
+    assert byol["top1"] >= 0.95 and byol["val_top1"] >= 0.9 and byol["feature_dim"] == 3
+    table = report.format_table().splitlines()
+    assert "imagenet protocol" in table[0] and [line.split()[0] for line in table[3:]] == ["byol", "random_init"]
+    as_dict = json.loads(json.dumps(report.to_dict()))
+    assert as_dict["protocol"] == "imagenet" and as_dict["rows"]["random_init"]["knn_top1"] is None
+    assert as_dict["rows"]["byol"]["sweep"] == {"0.4": byol["sweep"][0.4], "0.05": byol["sweep"][0.05]}
+
+
+def test_imagenet_protocol_trains_on_fresh_crops_and_tests_on_centre_crops():
+    rng = np.random.default_rng(0)
+    # Larger than the 16 px input: the test-time centre crop is 0.875 of the image.
+    images = rng.integers(0, 256, size=(30, 24, 24, 3), dtype=np.uint8)
+    labels = np.tile([0, 1, 2], 10)
+    log = []
+
+    class Recorder(keras.layers.Layer):
+        """Passes images through and keeps every batch the encoder sees at run time."""
+
+        def call(self, batch):
+            done = tf.py_function(lambda seen: log.append(seen.numpy()) or np.float32(0), [batch], tf.float32)
+            with tf.control_dependencies([done]):
+                return tf.identity(batch)
+
+    inputs = keras.Input((16, 16, 3))
+    encoder = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(Recorder()(inputs)))
+    config = _toy_config(
+        protocol="imagenet", learning_rate_sweep=(0.1,), linear_epochs=2, standardize=False, validation_fraction=0.25
+    )
+    arrays = (images[:24], labels[:24], images[24:], labels[24:])
+    report = evaluation.evaluate(encoder, config, arrays=arrays, baselines=False, progress=False)
+    fit, validation = evaluation.validation_split(labels[:24], 0.25, seed=0)
+    # Two epochs on the carved part, its validation part, two epochs on all of train, test.
+    assert [len(batch) for batch in log] == [len(fit), len(fit), len(validation), 24, 24, 6]
+    assert report.rows["byol"]["num_validation"] == len(validation)
+
+    def centre(x):
+        return augment.center_crop_resize(x, 16).numpy()
+
+    def nearest(rows, candidates):
+        return np.abs(rows[:, None] - candidates[None]).max(axis=(2, 3, 4)).min(axis=1)
+
+    # Training inputs are crops redrawn every epoch, never the centre crop.
+    assert nearest(log[1], log[0]).min() > 1e-3
+    assert nearest(log[0], centre(images[:24][fit])).min() > 1e-3
+    assert nearest(log[3], centre(images[:24])).min() > 1e-3
+    # Validation and test inputs are the centre crops, in order.
+    np.testing.assert_allclose(log[2], centre(images[:24][validation]), atol=1e-6)
+    np.testing.assert_allclose(log[5], centre(images[24:]), atol=1e-6)
+
+
+def test_imagenet_learning_rate_is_chosen_on_validation_not_test(monkeypatch):
+    """The classifier fitted at 0.3 reads red, at 0.1 green; train says red, test says green.
+
+    Validation (carved from train) must pick 0.3 although the test set would pick 0.1.
+    """
+
+    def images_of(labels, signal):
+        images = np.full((len(labels), 16, 16, 3), 60, np.uint8)
+        bright = labels[:, None, None] == 1
+        images[..., signal] = np.where(bright, 200, 60)
+        images[..., 1 - signal] = np.where(bright, 60, 200)  # the other channel says the opposite
+        return images
+
+    train_labels, test_labels = np.tile([0, 1], 20), np.tile([0, 1], 5)
+    arrays = (images_of(train_labels, 0), train_labels, images_of(test_labels, 1), test_labels)
+
+    def reader(channel):
+        # Class 1 when the channel's mean is above 0.5.
+        kernel = np.zeros((3, 2), np.float32)
+        kernel[channel] = [-1.0, 1.0]
+        bias = np.array([0.5, -0.5], np.float32)
+        return evaluation.LinearClassifier(kernel, bias, np.zeros(3, np.float32), np.ones(3, np.float32))
+
+    calls = []
+
+    def fake_fit(splits, mask, run_epochs, dim, num_classes, base_learning_rate, config, seed, standardization):
+        calls.append((len(splits.train_labels) if mask is None else int(mask.sum()), base_learning_rate))
+        return reader(0 if base_learning_rate == 0.3 else 1)
+
+    monkeypatch.setattr(evaluation, "_fit_images", fake_fit)
+    config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.1, 0.3), validation_fraction=0.25)
+    report = evaluation.evaluate(_mean_colour_encoder(), config, arrays=arrays, baselines=False, progress=False)
+    row = report.rows["byol"]
+    assert row["learning_rate"] == 0.3 and row["sweep"] == {0.1: 0.0, 0.3: 1.0} and row["val_top1"] == 1.0
+    assert row["top1"] == 0.0  # the test set would have preferred 0.1
+    assert calls == [(30, 0.1), (30, 0.3), (40, 0.3)]
+
+
+def _whole_image_view(flip_prob=0.0):
+    return ViewConfig(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=flip_prob,
+        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
+    )
+
+
+def test_linear_training_dataset_epochs_are_reshuffled_and_recropped():
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 12, 12, 3), dtype=np.uint8)
+    source = _images_dataset(images, np.arange(10))
+    # Whole-image crops at the image's own size are the image itself; a flip mirrors it.
+    for flip, expected in ((0.0, images / 255.0), (1.0, images[:, :, ::-1] / 255.0)):
+        dataset = evaluation.linear_training_dataset(
+            source, 12, _whole_image_view(flip), 4, seed=1, epochs=2, shuffle_buffer=10
+        )
+        batches = list(dataset.as_numpy_iterator())
+        assert [len(batch["label"]) for batch in batches] == [4, 4, 2, 4, 4, 2]  # per-epoch partial batches
+        first, second = (np.concatenate([batch["label"] for batch in part]) for part in (batches[:3], batches[3:]))
+        assert sorted(first) == sorted(second) == list(range(10)) and first.tolist() != second.tolist()
+        for batch in batches:
+            np.testing.assert_allclose(batch["x"], expected[batch["label"]], atol=1e-6)
+    # The paper's crops: every image gets a new crop in the next epoch.
+    view = evaluation.linear_view(EvaluationConfig())
+    epochs = list(evaluation.linear_training_dataset(source, 8, view, 10, seed=1, epochs=2, shuffle_buffer=10))
+    crops = [batch["x"].numpy()[np.argsort(batch["label"].numpy())] for batch in epochs]
+    assert crops[0].shape == (10, 8, 8, 3)
+    assert np.abs(crops[0] - crops[1]).max(axis=(1, 2, 3)).min() > 1e-3
+
+
+def test_linear_training_dataset_crops_images_of_different_sizes():
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 12, 12, 3), dtype=np.uint8)
+    # Heights 8 to 12: the element spec has an unknown height.
+    source = _images_dataset(images, np.arange(6)).map(
+        lambda example: {"image": example["image"][: 8 + example["label"] % 5], "label": example["label"]}
+    )
+    batches = list(evaluation.linear_training_dataset(source, 8, _whole_image_view(), 4, seed=0, shuffle_buffer=6))
+    assert [len(batch["label"]) for batch in batches] == [4, 2]
+    for batch in batches:
+        for crop, label in zip(batch["x"].numpy(), batch["label"].numpy()):
+            # A square crop of the whole area does not fit a non-square image: the largest
+            # centred square, as a centre crop of fraction 1.
+            expected = augment.center_crop_resize(images[label][: 8 + label % 5], 8, crop_fraction=1.0)
+            np.testing.assert_allclose(crop, expected, atol=1e-6)
+
+
+_MEMORY_SCRIPT = """
+import json, os, resource, sys
+import keras, tensorflow as tf
+from byol_tf import evaluation
+from byol_tf.config import AugmentConfig, Config, DataConfig, EvaluationConfig
+
+num = int(sys.argv[1])
+
+
+def example(index):
+    # The source holds nothing: each image is drawn from its index when read.
+    image = tf.random.stateless_uniform([64, 64, 3], tf.stack([index, 0]), maxval=256, dtype=tf.int32)
+    return {"image": tf.cast(image, tf.uint8), "label": index % 10}
+
+
+train = tf.data.Dataset.range(num).map(example)
+test = tf.data.Dataset.range(num, num + num // 4).map(example)
+inputs = keras.Input((32, 32, 3))
+features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+encoder = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(features))
+config = Config(
+    data=DataConfig(shuffle_buffer=1000),
+    augment=AugmentConfig(image_size=32),
+    evaluation=EvaluationConfig(protocol="imagenet", linear_epochs=1, learning_rate_sweep=(0.1,)),
+)
+report = evaluation.evaluate(encoder, config, datasets=(train, test), baselines=False, progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_kb": peak, "num_train": report.num_train, "num_test": report.num_test}))
+"""
+
+
+@pytest.mark.slow
+def test_imagenet_protocol_peak_memory_does_not_grow_with_the_number_of_images():
+    # Each size in a fresh process: peak RSS is a high-water mark of the whole process.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    peaks = {}
+    for num in (5000, 20000):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, str(num)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert (result["num_train"], result["num_test"]) == (num, num // 4)
+        peaks[num] = result["peak_rss_kb"]
+    # 20,000 images of 64 x 64 x 3 bytes are 246 MB: holding them would show.
+    assert abs(peaks[20000] - peaks[5000]) <= 0.1 * peaks[5000], peaks
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,5 +1,7 @@
-"""Tests for byol_tf.export: SavedModel round trip in a fresh process, bad bytes, atomic writes."""
+"""Tests for byol_tf.export: SavedModel round trip in a fresh process, bad bytes, atomic writes,
+and what servers and loaders see: warm-up requests, TF Serving REST bodies, Keras TFSMLayer."""
 
+import base64
 import io
 import json
 import os
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow_serving.apis import prediction_log_pb2
 
 from byol_tf import augment, cli, export, networks
 from byol_tf import config as config_lib
@@ -35,6 +38,8 @@ _LOAD_AND_SERVE = textwrap.dedent(
         results = {}
         for name, value in embed(images=tf.constant(inputs["images"])).items():
             results["embed_" + name] = value.numpy()
+        # TF-Hub style: the loaded object itself maps images to the representation.
+        results["call_representation"] = model(tf.constant(inputs["images"])).numpy()
         encoded = [bytes(item) for item in inputs["encoded"]]
         for name, value in serve(image_bytes=tf.constant(encoded)).items():
             results["serve_" + name] = value.numpy()
@@ -147,6 +152,7 @@ def test_round_trip_in_fresh_process_matches_in_memory_encoder(tmp_path):
 
         expected = keras.ops.convert_to_numpy(model(batch, training=False))
         np.testing.assert_allclose(outputs["embed_representation"], expected, atol=1e-5)
+        np.testing.assert_allclose(outputs["call_representation"], expected, atol=1e-5)
         np.testing.assert_allclose(
             outputs["embed_embedding"], expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5
         )
@@ -165,7 +171,8 @@ def test_export_folder_holds_keras_file_config_and_metrics(tmp_path):
     config = Config(network=NetworkConfig(encoder="small_convnet"))
     export_dir = export.export_encoder(encoder, str(tmp_path / "out"), SIZE, config=config, metrics={"top1": 0.75})
     assert sorted(os.listdir(export_dir)) == sorted(
-        ["assets", "config.yaml", "encoder.keras", "fingerprint.pb", "metrics.json", "saved_model.pb", "variables"]
+        ["assets", "assets.extra", "config.yaml", "encoder.keras", "fingerprint.pb", "metrics.json", "saved_model.pb",
+         "variables"]
     )
     with open(os.path.join(export_dir, "metrics.json")) as stream:
         assert json.load(stream) == {"top1": 0.75}
@@ -229,8 +236,11 @@ def test_export_run_records_config_and_evaluation(tmp_path):
     with open(os.path.join(export_dir, "metrics.json")) as stream:
         assert json.load(stream) == {"evaluation": {"rows": {"byol": {"top1": 0.9}}}}
     assert config_lib.load(os.path.join(export_dir, "config.yaml")) == config
-    signature = tf.saved_model.load(export_dir).signatures["embed_images"]
+    loaded = tf.saved_model.load(export_dir)
+    signature = loaded.signatures["embed_images"]
     assert signature.structured_input_signature[1]["images"].shape.as_list() == [None, SIZE, SIZE, 3]
+    # The root call is traced once, for exactly the images the encoder takes.
+    assert loaded.__call__.input_signature == (tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name="images"),)
 
 
 def test_cli_export(tmp_path, capsys):
@@ -246,3 +256,150 @@ def test_cli_export(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path / "missing"), "--out", out + "2"]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ what servers and loaders see
+
+
+def test_warmup_requests_are_prediction_logs_the_serving_signature_answers(tmp_path):
+    encoder = _tiny_encoder()
+    export_dir = export.export_encoder(encoder, str(tmp_path / "out"), SIZE)
+    path = os.path.join(export_dir, "assets.extra", "tf_serving_warmup_requests")
+    records = [prediction_log_pb2.PredictionLog.FromString(record) for record in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+
+    batches = []
+    for record in records:
+        request = record.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        assert set(request.inputs) == set(serve.structured_input_signature[1]) == {"image_bytes"}
+        assert request.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+        encoded = [bytes(item) for item in tf.make_ndarray(request.inputs["image_bytes"])]
+        outputs = serve(image_bytes=tf.constant(encoded))
+        assert {name: value.shape.as_list() for name, value in outputs.items()} == {
+            "embedding": [len(encoded), 4],
+            "representation": [len(encoded), 4],
+        }
+        decoded = [tf.io.decode_image(item, channels=3).numpy() for item in encoded]
+        np.testing.assert_allclose(outputs["representation"], _in_memory(encoder, decoded), atol=1e-5)
+        batches.append(encoded)
+
+    # Each image alone, then all together; a PNG and a JPEG among them, of different sizes.
+    singles = [batch[0] for batch in batches[:-1]]
+    assert [len(batch) for batch in batches] == [1] * len(singles) + [len(singles)] and batches[-1] == singles
+    assert {item[:4] for item in singles} >= {b"\x89PNG", b"\xff\xd8\xff\xe0"}
+    assert len({Image.open(io.BytesIO(item)).size for item in singles}) == len(singles)
+    assert {Image.open(io.BytesIO(item)).mode for item in singles} >= {"RGB", "L"}
+
+
+def _tf_serving_inputs(body):
+    """Stands in for TF Serving's REST front end: a predict body -> the signature's input tensors.
+
+    As the model server decodes it: a {"b64": ...} object is the decoded bytes of one
+    DT_STRING element; the row format ("instances", one object per example keyed by input
+    name) is stacked into one batch per input; the columnar format ("inputs": input name
+    -> batch) is taken as it is.
+    """
+
+    def value(item):
+        if isinstance(item, dict):
+            assert set(item) == {"b64"}, item
+            return base64.b64decode(item["b64"], validate=True)
+        if isinstance(item, list):
+            return [value(element) for element in item]
+        return item
+
+    request = json.loads(body)
+    if "instances" in request:
+        names = set(request["instances"][0])
+        columns = {name: [] for name in names}
+        for instance in request["instances"]:
+            assert set(instance) == names, "every instance names the same inputs"
+            for name, item in instance.items():
+                columns[name].append(value(item))
+    else:
+        columns = {name: value(batch) for name, batch in request["inputs"].items()}
+    return {name: tf.constant(batch) for name, batch in columns.items()}
+
+
+def test_tf_serving_rest_bodies_with_b64_reach_the_signature_as_image_bytes(tmp_path):
+    export_dir = export.export_encoder(_tiny_encoder(), str(tmp_path / "out"), SIZE)
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    encoded, _ = _request()
+    images = [encoded[0], encoded[3]]  # a PNG and a JPEG
+    text = [base64.b64encode(image).decode("ascii") for image in images]
+    bodies = {
+        "row": json.dumps({"instances": [{"image_bytes": {"b64": item}} for item in text]}),
+        "columnar": json.dumps({"inputs": {"image_bytes": [{"b64": item} for item in text]}}),
+    }
+    expected = serve(image_bytes=tf.constant(images))
+    for layout, body in bodies.items():
+        inputs = _tf_serving_inputs(body)
+        assert set(inputs) == set(serve.structured_input_signature[1]), layout
+        outputs = serve(**inputs)
+        assert set(outputs) == set(expected) == {"embedding", "representation"}
+        for name, value in expected.items():
+            np.testing.assert_allclose(outputs[name], value, atol=1e-6, err_msg=f"{layout}: {name}")
+    # Without the {"b64": ...} wrapper the server passes the base64 text itself: refused,
+    # naming the element.
+    unwrapped = json.dumps({"instances": [{"image_bytes": text[0]}]})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[0\] is not a JPEG, PNG"):
+        serve(**_tf_serving_inputs(unwrapped))
+
+
+# A Keras 3 user's session: nothing but the export folder and keras.
+_KERAS_LOAD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import keras
+    import tensorflow as tf
+
+    export_dir, inputs_path, outputs_path = sys.argv[1:]
+    inputs = np.load(inputs_path, allow_pickle=False)
+    results = {}
+    served = keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default")
+    for name, value in served(tf.constant([bytes(item) for item in inputs["encoded"]])).items():
+        results["serve_" + name] = keras.ops.convert_to_numpy(value)
+    # The encoder as a layer of a user's functional model.
+    embed = keras.layers.TFSMLayer(export_dir, call_endpoint="embed_images")
+    images = keras.Input(inputs["images"].shape[1:])
+    model = keras.Model(images, embed(images)["representation"])
+    results["model_representation"] = model.predict(inputs["images"], verbose=0)
+    for name, value in embed(inputs["images"]).items():
+        results["embed_" + name] = keras.ops.convert_to_numpy(value)
+    np.savez(outputs_path, **results)
+    """
+)
+
+
+def test_keras_tfsm_layer_loads_both_endpoints_in_a_fresh_process(tmp_path):
+    encoder = _tiny_encoder()
+    export_dir = export.export_encoder(encoder, str(tmp_path / "out"), SIZE)
+    encoded, decoded = _request()
+    images = np.random.default_rng(2).uniform(size=(3, SIZE, SIZE, 3)).astype(np.float32)
+    inputs_path, outputs_path = str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")
+    np.savez(inputs_path, images=images, encoded=np.array(encoded, dtype=object).astype(bytes))
+    script = tmp_path / "keras_user.py"
+    script.write_text(_KERAS_LOAD)
+    completed = subprocess.run(
+        [sys.executable, str(script), export_dir, inputs_path, outputs_path],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    outputs = dict(np.load(outputs_path))
+
+    expected = keras.ops.convert_to_numpy(encoder(images, training=False))
+    for name in ("embed_representation", "model_representation"):
+        np.testing.assert_allclose(outputs[name], expected, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        outputs["embed_embedding"], expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5
+    )
+    served = _in_memory(encoder, decoded)
+    np.testing.assert_allclose(outputs["serve_representation"], served, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs["serve_embedding"], served / np.linalg.norm(served, axis=1, keepdims=True), atol=1e-5
+    )

@@ -26,7 +26,9 @@ from byol_tfx.pipeline import pipeline as pipeline_lib
 SMOKE = "configs/smoke.yaml"
 NAME = "byol-tf-smoke"
 INGESTION_AND_VALIDATION = ("ImageExampleGen", "StatisticsGen", "ImageSchemaGen", "ExampleValidator", "ValidationGate")
-COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
+COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck", "LinearEval", "Pusher")
+# Each of these runs after the one before it; ServingCheck runs beside LinearEval.
+CHAIN = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
 
 
 # ------------------------------------------------------------------ the blessing rule
@@ -36,7 +38,7 @@ COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "LinearEval", "Pusher")
     "byol, random_init, margin, baseline, same, blessed, reason",
     [
         (0.60, 0.50, 0.01, None, False, True, "no earlier blessed encoder"),
-        (0.505, 0.50, 0.01, None, False, False, "random-init top-1 0.5000 + margin 0.0100"),
+        (0.505, 0.50, 0.01, None, False, False, "random-init validation top-1 0.5000 + margin 0.0100"),
         (0.51, 0.50, 0.01, None, False, True, "no earlier blessed encoder"),  # exactly the margin
         (0.60, 0.50, 0.01, 0.61, False, False, "latest blessed encoder's 0.6100"),
         (0.61, 0.50, 0.01, 0.61, False, True, "latest blessed encoder's 0.6100"),  # equal is not worse
@@ -126,7 +128,7 @@ def test_linear_eval_does_not_bless_a_regression_and_pusher_pushes_nothing(tmp_p
     baseline_model.uri, baseline_model.id = str(tmp_path / "old_model"), 5
     baseline_blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "old_blessing"))
     baseline_blessing.set_int_custom_property("blessed", 1)
-    baseline_blessing.set_float_custom_property(linear_eval.BYOL_TOP1_KEY, 1.0)  # nothing can beat it
+    baseline_blessing.set_float_custom_property(linear_eval.BYOL_VAL_TOP1_KEY, 1.0)  # nothing can beat it
     metrics = output(linear_eval.LinearEvalMetrics, str(tmp_path / "metrics"))
     blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
 
@@ -145,13 +147,14 @@ def test_linear_eval_does_not_bless_a_regression_and_pusher_pushes_nothing(tmp_p
     with open(os.path.join(metrics.uri, linear_eval.METRICS_FILE)) as stream:
         document = json.load(stream)
     assert list(document["rows"]) == ["byol", "random_init", "raw_pixels"]
-    assert document["blessing"]["baseline_top1"] == 1.0 and not document["blessing"]["blessed"]
+    assert document["blessing"]["baseline_val_top1"] == 1.0 and not document["blessing"]["blessed"]
     assert blessing.get_int_custom_property("blessed") == 0
     assert blessing.get_int_custom_property("current_model_id") == 11
     assert blessing.get_int_custom_property("baseline_model_id") == 5
     assert "latest blessed encoder's 1.0000" in blessing.get_string_custom_property("blessing_message")
     assert os.path.exists(os.path.join(blessing.uri, linear_eval.NOT_BLESSED_FILE))
     assert metrics.get_float_custom_property("byol_top1") == document["rows"]["byol"]["top1"]
+    assert metrics.get_float_custom_property("byol_val_top1") == document["rows"]["byol"]["val_top1"]
 
     destination = tmp_path / "serving_model"
     pushed = output(standard_artifacts.PushedModel, str(tmp_path / "pushed"))
@@ -164,10 +167,41 @@ def test_linear_eval_does_not_bless_a_regression_and_pusher_pushes_nothing(tmp_p
     assert not destination.exists()
 
 
-def test_a_foreign_blessing_without_top1_is_refused(tmp_path):
+def test_a_foreign_blessing_without_validation_top1_is_refused(tmp_path):
     blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
-    with pytest.raises(ValueError, match="records no byol top-1"):
-        linear_eval.baseline_top1_of(blessing)
+    with pytest.raises(ValueError, match="records no byol validation top-1"):
+        linear_eval.baseline_val_top1_of(blessing)
+
+
+@pytest.mark.parametrize("val_top1, test_top1, blessed", [(0.9, 0.1, True), (0.1, 0.9, False)])
+def test_validation_decides_the_blessing_never_test(tmp_path, monkeypatch, val_top1, test_top1, blessed):
+    from byol_tf import evaluation
+
+    def fake_evaluate(encoder, config, **kwargs):
+        rows = {
+            name: {
+                "top1": test_top1 if name == "byol" else 0.5,
+                "top5": 1.0,
+                "val_top1": val_top1 if name == "byol" else 0.5,
+                "l2": 0.0,
+                "learning_rate": 0.1,
+                "feature_dim": 8,
+            }
+            for name in ("byol", "random_init")
+        }
+        return evaluation.EvaluationReport(rows=rows, num_classes=3, num_train=24, num_test=12, protocol="transfer")
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    config = smoke_config()
+    metrics = output(linear_eval.LinearEvalMetrics, str(tmp_path / "metrics"))
+    blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
+    linear_eval.Executor().Do(
+        {"examples": [write_examples(str(tmp_path / "examples"))], "model": [model_artifact(str(tmp_path / "model"), config)]},
+        {"evaluation": [metrics], "blessing": [blessing]},
+        {"config": config_lib.to_json(config), "blessing_margin": 0.01},
+    )
+    assert blessing.get_int_custom_property("blessed") == int(blessed)
+    assert blessing.get_float_custom_property(linear_eval.BYOL_VAL_TOP1_KEY) == val_top1
 
 
 # ------------------------------------------------------------------ runner
@@ -212,13 +246,33 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
     )
     components = {component.id: component for component in pipeline.components}
     ids = list(components)
-    assert ids[0] == "ImageExampleGen" and ids[-2:] == ["LinearEval", "Pusher"]
+    # TFX sorts the nodes topologically: ServingCheck and LinearEval both come before the Pusher.
+    assert ids[0] == "ImageExampleGen" and ids[-1] == "Pusher"
+    assert set(ids) == {*COMPONENTS, "latest_blessed_model_resolver"}
     assert pipeline.enable_cache
     assert list(tmp_path.iterdir()) == []
-    # One serialised config reaches every custom component, and the Trainer, unchanged.
+    # One serialised config reaches every custom component, and the Trainer, unchanged;
+    # the data steps get only the sections they read, which keeps them cached when
+    # training settings change.
     config_json = config_lib.to_json(config)
-    for node in ("ImageExampleGen", "ImageSchemaGen", "LinearEval"):
+    for node in ("ServingCheck", "LinearEval"):
         assert components[node].exec_properties["config"] == config_json, node
+    for node in ("ImageExampleGen", "ImageSchemaGen"):
+        data_json = components[node].exec_properties["config"]
+        assert set(json.loads(data_json)) == {"data", "augment"}, node
+        parsed = config_lib.from_json(data_json)
+        assert (parsed.data, parsed.augment) == (config.data, config.augment), node
+    retrained = pipeline_lib.create_pipeline(
+        "p", str(tmp_path / "root"), config_lib.load(SMOKE, ["train.seed=7", "optimizer.base_learning_rate=0.1"]),
+        push_destination="x",
+    )
+    for old, new in zip(pipeline.components, retrained.components):
+        if old.id in ("ImageExampleGen", "ImageSchemaGen"):
+            assert old.exec_properties == new.exec_properties, old.id
+    # The Pusher needs both blessings: LinearEval's and the serving check's.
+    pusher_inputs = components["Pusher"].inputs
+    assert pusher_inputs["model_blessing"].producer_component_id == "LinearEval"
+    assert pusher_inputs["infra_blessing"].producer_component_id == "ServingCheck"
     assert json.loads(components["Trainer"].exec_properties["custom_config"]) == {"config": config_json}
     fingerprinted = pipeline_lib.create_pipeline(
         "p", str(tmp_path / "root"), config, push_destination="x", source_fingerprint="abc123"
@@ -269,10 +323,15 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
                 upstream(dependency, seen)
         return seen
 
-    for before, after in zip(COMPONENTS, COMPONENTS[1:]):
+    for before, after in zip(CHAIN, CHAIN[1:]):
         assert before in upstream(after), f"{after} does not run after {before}"
     assert "latest_blessed_model_resolver-model-resolver" in upstream("LinearEval")
-    assert "Trainer" in tasks["Pusher"]["dependentTasks"] and "LinearEval" in tasks["Pusher"]["dependentTasks"]
+    assert {"Trainer", "LinearEval", "ServingCheck"} <= set(tasks["Pusher"]["dependentTasks"])
+    assert tasks["ServingCheck"]["dependentTasks"] == ["Trainer"]
+    assert tasks["Pusher"]["inputs"]["artifacts"]["infra_blessing"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "blessing",
+        "producerTask": "ServingCheck",
+    }
 
     # Runtime parameters: declared at the root, defaults in the job, wired into the tasks.
     assert spec["root"]["inputDefinitions"]["parameters"] == {
@@ -306,6 +365,12 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     assert linear_eval_args[linear_eval_args.index("--executor_class_path") + 1] == "byol_tfx.components.linear_eval.Executor"
     output_types = spec["components"]["LinearEval"]["outputDefinitions"]["artifacts"]
     assert "byol_tf.LinearEvalMetrics" in output_types["evaluation"]["artifactType"]["instanceSchema"]
+    serving_check_args = executors["ServingCheck_executor"]["container"]["args"]
+    assert serving_check_args[serving_check_args.index("--executor_class_path") + 1] == (
+        "byol_tfx.components.serving_check.Executor"
+    )
+    output_types = spec["components"]["ServingCheck"]["outputDefinitions"]["artifacts"]
+    assert "tfx.InfraBlessing" in output_types["blessing"]["artifactType"]["instanceSchema"]
 
 
 def test_compiled_vertex_pipeline_has_embed_images_when_enabled(tmp_path):
@@ -380,7 +445,8 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
 
     assert summary.pushed_to and os.path.dirname(summary.pushed_to) == paths.serving_model_dir
     pushed = os.listdir(summary.pushed_to)
-    assert {"saved_model.pb", "encoder.keras", "config.yaml", "metrics.json"} <= set(pushed)
+    assert {"saved_model.pb", "assets.extra", "encoder.keras", "config.yaml", "metrics.json"} <= set(pushed)
+    assert summary.serving_check.startswith("blessed: 4 warm-up requests answered")
     loaded = tf.saved_model.load(summary.pushed_to)
     outputs = loaded.signatures["serving_default"](image_bytes=tf.constant([fx.png(1), fx.png(2, (40, 30, 3))]))
     embedding = outputs["embedding"].numpy()
@@ -389,6 +455,7 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
 
     text = summary.format()
     assert f"blessed encoder pushed to {summary.pushed_to}" in text and "random_init" in text
+    assert f"ServingCheck: {summary.serving_check}" in text
 
     # EmbedImages embedded the held-out split with the pushed encoder.
     from byol_tf import embed
@@ -410,22 +477,22 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
     second = local_runner.run(
         config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0, embed_split="eval"
     )
-    for component in (*INGESTION_AND_VALIDATION, "Trainer"):
+    for component in (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck"):
         assert second.states[component] == ["CACHED"], component
     assert second.states["LinearEval"] == ["COMPLETE"]
     assert second.blessed and "latest blessed encoder itself" in second.blessing_message
 
     # Another training seed: data steps still cached, a new encoder is trained and blessed
-    # only if its top-1 is not below the blessed one's.
+    # only if its validation top-1 is not below the blessed one's.
     third = local_runner.run(
         config_lib.load(SMOKE, ["train.seed=1"]), NAME, output_dir=output_dir, blessing_margin=-1.0, embed_split="eval"
     )
     for component in INGESTION_AND_VALIDATION:
         assert third.states[component] == ["CACHED"], component
     assert third.states["Trainer"] == ["COMPLETE"]
-    new_top1 = third.linear_eval["rows"]["byol"]["top1"]
-    blessed_top1 = second.linear_eval["rows"]["byol"]["top1"]
-    assert third.linear_eval["blessing"]["baseline_top1"] == pytest.approx(blessed_top1)
+    new_top1 = third.linear_eval["rows"]["byol"]["val_top1"]
+    blessed_top1 = second.linear_eval["rows"]["byol"]["val_top1"]
+    assert third.linear_eval["blessing"]["baseline_val_top1"] == pytest.approx(blessed_top1)
     assert third.blessed == (new_top1 >= blessed_top1)
     assert (third.pushed_to is not None) == third.blessed
 

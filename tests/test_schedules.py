@@ -27,35 +27,35 @@ def numpy_lr(step, peak, warmup, total, final):
     "step, expected",
     [(0, 0.99), (50, 0.995), (100, 1.0), (150, 1.0), (-5, 0.99)],
 )
-def test_target_decay_table(step, expected):
-    tau = schedules.target_decay(step, total_steps=100, base_decay=0.99)
+def test_tau_table(step, expected):
+    tau = schedules.tau(step, total_steps=100, tau_base=0.99)
     assert tau.dtype == tf.float32
     np.testing.assert_allclose(tau.numpy(), expected, atol=1e-6)
 
 
-def test_target_decay_matches_numpy_for_int64_steps():
+def test_tau_matches_numpy_for_int64_steps():
     steps = np.arange(0, 1201, 7, dtype=np.int64)
-    tau = schedules.target_decay(tf.constant(steps), total_steps=1000, base_decay=0.996)
+    tau = schedules.tau(tf.constant(steps), total_steps=1000, tau_base=0.996)
     np.testing.assert_allclose(tau.numpy(), numpy_tau(steps, 1000, 0.996), atol=1e-6)
 
 
-def test_target_decay_in_tf_function_with_variable_step():
+def test_tau_in_tf_function_with_variable_step():
     step = tf.Variable(250, dtype=tf.int64)
-    tau = tf.function(lambda: schedules.target_decay(step, 1000, 0.97))()
+    tau = tf.function(lambda: schedules.tau(step, 1000, 0.97))()
     np.testing.assert_allclose(tau.numpy(), numpy_tau(250, 1000, 0.97), atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"total_steps": 0, "base_decay": 0.99}, "total_steps"),
-        ({"total_steps": 10.5, "base_decay": 0.99}, "total_steps"),
-        ({"total_steps": 10, "base_decay": 1.5}, "base_decay"),
+        ({"total_steps": 0, "tau_base": 0.99}, "total_steps"),
+        ({"total_steps": 10.5, "tau_base": 0.99}, "total_steps"),
+        ({"total_steps": 10, "tau_base": 1.5}, "tau_base"),
     ],
 )
-def test_target_decay_rejects_bad_args(kwargs, match):
+def test_tau_rejects_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        schedules.target_decay(0, **kwargs)
+        schedules.tau(0, **kwargs)
 
 
 PEAK, WARMUP, TOTAL, FINAL = 0.8, 10, 110, 0.01

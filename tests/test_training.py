@@ -81,3 +81,21 @@ def test_synchronized_batch_norm_only_with_several_replicas():
     assert training.model_config(cfg, Replicas(1)).network.sync_batchnorm is False
     assert training.model_config(cfg, Replicas(2)).network.sync_batchnorm is True
     assert training.model_config(cfg, Replicas(1)).data == cfg.data
+
+
+@pytest.mark.slow
+def test_cli_output_is_progress_and_results_not_tensorflow_start_up_chatter(tmp_path):
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run(
+        [sys.executable, "-m", "byol_tf.cli", "train", "--config", SMOKE, "--run-dir", str(tmp_path / "run"),
+         "--no-eval", "--set", "train.verbose=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    chatter = [line for line in lines if line.startswith(("WARNING: All log messages", "I0000", "W0000", "E0000"))]
+    assert chatter == []
+    assert lines[0].startswith("byol-tf: encoder saved to")

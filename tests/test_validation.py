@@ -12,7 +12,7 @@ from tfx.types import standard_artifacts
 from byol_tfx.components import validation
 from byol_tfx.components.example_gen import ImageExampleGen, import_example_gen
 
-import tensorflow_data_validation as tfdv  # noqa: I001 -- after tfx (DESIGN.md)
+import tensorflow_data_validation as tfdv  # noqa: I001 -- after tfx (docs/DESIGN.md)
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
 
 CLASSES = 3
