@@ -156,6 +156,27 @@ def read_table(path: str):
     return pq.read_table(pa.BufferReader(fileio.read_bytes(path)))
 
 
+def count_rows(path: str) -> int:
+    """Rows of a Parquet file, read from its footer alone (no column data is read).
+
+    A Parquet file ends with its metadata, the metadata's length (4 bytes, little-endian)
+    and b"PAR1"; that tail, behind the leading magic, is a file Arrow reads the metadata of.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = fileio.size(path)
+    with fileio.open_file(path, "rb") as stream:
+        stream.seek(size - 8)
+        tail = stream.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length > size - 12:
+            raise ValueError(f"embeddings: {path!r} is not a Parquet file")
+        stream.seek(size - 8 - length)
+        footer = stream.read(length)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail)).num_rows
+
+
 def embeddings_array(table) -> np.ndarray:
     """float32 [N, d] of a table's `embedding` column."""
     column = table.column("embedding").combine_chunks()

@@ -142,7 +142,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             )
 
         parts = sorted(fileio.basename(path) for path in fileio.glob(fileio.join(output.uri, f"{PART_PREFIX}-*.parquet")))
-        counts = [embed.read_table(fileio.join(output.uri, name)).num_rows for name in parts]
+        counts = [embed.count_rows(fileio.join(output.uri, name)) for name in parts]
         manifest = embed.manifest(
             model=encoder.path,
             config=config,

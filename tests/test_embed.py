@@ -72,6 +72,15 @@ def test_pandas_and_tf_data_read_the_folder(mnist_test_embeddings):
     assert rows[0]["key"][3] == b"3" and rows[0]["label"].dtype == np.int64
 
 
+def test_count_rows_reads_the_parquet_footer(mnist_test_embeddings, tmp_path):
+    counts = [embed.count_rows(path) for path in embed.part_paths(mnist_test_embeddings)]
+    assert counts == [300, 300, 300, 100]
+    not_parquet = tmp_path / "x.parquet"
+    not_parquet.write_bytes(b"0123456789abcdef")
+    with pytest.raises(ValueError, match="is not a Parquet file"):
+        embed.count_rows(str(not_parquet))
+
+
 def test_a_folder_source_is_keyed_by_file_path(tmp_path):
     folder = fx.clean_folder(str(tmp_path / "images"), classes=3, per_class=4)
     model = exports.export_random_encoder(str(tmp_path / "export"), image_size=16)
