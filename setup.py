@@ -7,11 +7,11 @@ Three import packages, one distribution:
     byol_tfx.pipeline     the pipeline definition, runners and `byol-tf-pipeline` CLI (`pipeline/`)
 
 `pip install byol-tf` installs the library and its dependencies only; `byol-tf[pipeline]` adds
-TFX. The supported install is `scripts/ensure_venv`, which installs the pinned, complete
-`requirements.lock` with --no-deps: TFX 1.21's own metadata asks for ml-metadata and
-tensorflow-data-validation 1.21 wheels that need glibc >= 2.39, and the lock swaps in 1.17.1 /
-1.16.1, which run with TFX 1.21 (docs/DESIGN.md). The pins below state what the code is written
-against.
+TFX, `byol-tf[ann]` faiss for approximate neighbour search. The supported install is
+`scripts/ensure_venv`, which installs the pinned, complete `requirements.lock` with --no-deps:
+TFX 1.21's own metadata asks for ml-metadata and tensorflow-data-validation 1.21 wheels that
+need glibc >= 2.39, and the lock swaps in 1.17.1 / 1.16.1, which run with TFX 1.21
+(docs/DESIGN.md). The pins below state what the code is written against.
 """
 
 import setuptools
@@ -37,11 +37,14 @@ setuptools.setup(
         "pillow==12.3.0",
         # PredictionLog / PredictRequest protos of the exports' TF Serving warm-up requests.
         "tensorflow-serving-api==2.19.1",
+        "pyarrow==18.1.0",  # byol-tf embed writes Parquet
     ],
     extras_require={
         "pipeline": ["tfx==1.21.0", "ml-metadata==1.17.1", "tensorflow-data-validation==1.16.1"],
         "kubeflow": ["tfx==1.21.0", "kfp==2.16.1"],
         "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+        # Approximate nearest-neighbour search (`byol-tf neighbours --index hnsw`); exact search needs nothing.
+        "ann": ["faiss-cpu==1.15.1"],
     },
     entry_points={
         "console_scripts": [

@@ -4,6 +4,8 @@
     byol-tf train --config configs/imagenet_resnet50.yaml --paper-budget 300
     byol-tf eval --encoder RUN_DIR/encoder.keras --config configs/mnist5k.yaml
     byol-tf export --run RUN_DIR --out DIR
+    byol-tf embed --model RUN_OR_EXPORT --config configs/mnist5k.yaml --split test --out DIR
+    byol-tf neighbours --embeddings DIR --query digit.png [-k 8] --out grid.png
 
 The TFX pipeline has its own command, `byol-tf-pipeline` (`byol_tfx.pipeline.cli`).
 Output is byol-tf's progress and results; `--verbose` adds TensorFlow's own logging.
@@ -15,6 +17,7 @@ import argparse
 import os
 import sys
 
+from byol_tf import embed as embed_lib
 from byol_tf import logs, presets
 
 
@@ -67,6 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the export folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     add_verbose_argument(export)
+
+    embed = commands.add_parser("embed", help="embed a data split with an exported encoder, to Parquet")
+    embed.add_argument("--model", required=True, help="an export folder, or a run folder (uses its export/)")
+    add_config_arguments(embed)
+    embed.add_argument("--split", choices=["train", "test"], default="test", help="which split of the config's data")
+    embed.add_argument("--out", required=True, help="the folder to create: _manifest.json and part-*.parquet")
+    embed.add_argument(
+        "--batch-size", type=int, default=embed_lib.DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)"
+    )
+    embed.add_argument(
+        "--part-rows",
+        type=int,
+        default=embed_lib.DEFAULT_PART_ROWS,
+        help="rows per Parquet file; a rerun after a kill keeps the finished ones (default %(default)s)",
+    )
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_verbose_argument(embed)
+
+    neighbours = commands.add_parser("neighbours", help="nearest neighbours of query images in `byol-tf embed` output")
+    neighbours.add_argument("--embeddings", required=True, help="a folder written by `byol-tf embed`")
+    neighbours.add_argument("--query", required=True, action="append", help="an image file (repeatable: one row each)")
+    neighbours.add_argument("-k", type=int, default=8, help="neighbours per query (default %(default)s)")
+    neighbours.add_argument("--out", required=True, help="the PNG picture to write: each query, then its neighbours")
+    neighbours.add_argument(
+        "--index", choices=["exact", "hnsw"], default="exact",
+        help="exact cosine search (default), or an approximate HNSW index (faiss, extra [ann]) for large collections",
+    )
+    add_verbose_argument(neighbours)
     return parser
 
 
@@ -115,7 +146,34 @@ def _export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _evaluate, "export": _export}
+def _embed(args) -> int:
+    cfg = load_config(args)
+    manifest = embed_lib.embed_split(
+        args.model, cfg, args.split, args.out, batch_size=args.batch_size, part_rows=args.part_rows,
+        overwrite=args.overwrite,
+    )
+    print(f"{manifest['count']} embeddings (d={manifest['dimension']}) of the {args.split} split written to {args.out}")
+    return 0
+
+
+def _neighbours(args) -> int:
+    import io
+
+    from byol_tf import fileio, neighbours
+
+    picture, found = neighbours.neighbours_picture(args.embeddings, args.query, args.k, index=args.index)
+    for query, keys, labels, similarities in zip(args.query, found.keys, found.labels, found.similarities):
+        print(f"{query}:")
+        for rank, (key, label, similarity) in enumerate(zip(keys, labels, similarities), start=1):
+            print(f"  {rank:2d}  {similarity:.4f}  label {label:>3}  {key}")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    fileio.write_bytes(args.out, buffer.getvalue())
+    print(f"picture written to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _evaluate, "export": _export, "embed": _embed, "neighbours": _neighbours}
 
 
 def run_command(commands, args, prog: str = "byol-tf") -> int:

@@ -306,7 +306,7 @@ EVALUATION_PROTOCOLS = ("transfer", "imagenet")
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    """Linear evaluation protocol and the kNN monitor.
+    """Linear evaluation protocol, the kNN monitor and the TensorBoard embedding projector.
 
     protocol: `transfer` (paper App. D): a linear classifier on features of centre crops,
     the L2 weight chosen from `l2_sweep` at `linear_base_learning_rate`. `imagenet` (paper
@@ -318,6 +318,10 @@ class EvaluationConfig:
     Learning rates are for a batch of 256 (scaled by `linear_batch_size` / 256).
     standardize: standardise features with the training split's mean and std (a
     deviation from the paper, see byol_tf.evaluation); false feeds raw representations.
+    projector_images: at the end of training, this many held-out images (class-balanced when
+    labelled) are embedded by the encoder and written for TensorBoard's Embedding Projector
+    with their labels and thumbnails (RUN_DIR/logs/embeddings, `byol_tf.embedding_projector`);
+    0 turns it off. Runs without a held-out split skip it.
     """
 
     protocol: str = "transfer"
@@ -336,6 +340,7 @@ class EvaluationConfig:
     knn_every_epochs: int = 0
     knn_examples: int = 1000
     baselines: bool = True
+    projector_images: int = 1000
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.protocol", self.protocol, EVALUATION_PROTOCOLS)
@@ -360,6 +365,8 @@ class EvaluationConfig:
         _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
         _check_range(f"{prefix}.knn_every_epochs", self.knn_every_epochs, 0, 10**6)
         _check_range(f"{prefix}.knn_examples", self.knn_examples, 1, 10**7)
+        # The projector draws every point in the browser; beyond ~10k it stops being usable.
+        _check_range(f"{prefix}.projector_images", self.projector_images, 0, 10_000)
 
 
 @dataclasses.dataclass(frozen=True)

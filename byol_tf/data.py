@@ -426,6 +426,18 @@ def load_split(cfg: DataConfig, split: str) -> tf.data.Dataset:
     return records.map(lambda index, record: decode(record), num_parallel_calls=parallel)
 
 
+def split_paths(cfg: DataConfig, split: str) -> np.ndarray | None:
+    """File paths of a `folder` source's split, in `load_split`'s order; None for other sources."""
+    _check_split(split)
+    _check_source(cfg)
+    if cfg.source != "folder":
+        return None
+    if cfg.eval_split is not None:
+        return _folder_split_files(cfg, split)[0]
+    files, _ = _folder_files(cfg.path, "data.path")
+    return files[_holdout_indices(cfg, len(files), split)]
+
+
 def num_examples(cfg: DataConfig, split: str) -> int:
     """Number of examples `load_split(cfg, split)` yields (may read a TFRecord stream once)."""
     _check_split(split)

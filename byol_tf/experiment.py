@@ -67,6 +67,7 @@ def run(
     strategy: tf.distribute.Strategy | None = None,
     backup_dir: str | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    holdout_data: config_lib.DataConfig | None = None,
 ) -> ExperimentResult:
     """Pretrains (resuming from a backup if there is one), evaluates and exports the encoder.
 
@@ -76,8 +77,8 @@ def run(
         export_dir: the SavedModel folder; default RUN_DIR/export. Replaced if it exists.
         evaluate: run `evaluation.evaluate` on `config.data` after training (skipped, with a
             log line, when the data has no labels).
-        dataset, num_examples, num_classes, strategy, backup_dir, extra_callbacks: as
-            `training.train`.
+        dataset, num_examples, num_classes, strategy, backup_dir, extra_callbacks,
+            holdout_data: as `training.train`.
 
     Returns:
         The training result, the report, where the export went, and its metrics.
@@ -91,6 +92,7 @@ def run(
         strategy=strategy,
         extra_callbacks=extra_callbacks,
         backup_dir=backup_dir,
+        holdout_data=holdout_data,
     )
     metrics: dict[str, Any] = {
         "training": final_training_metrics(result.history),

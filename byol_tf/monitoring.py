@@ -1,4 +1,5 @@
-"""Watching a BYOL run: augmentation previews, a collapse monitor and a kNN monitor (Keras callbacks).
+"""Watching a BYOL run (Keras callbacks): augmentation previews, a collapse monitor, a kNN monitor,
+and the held-out images for TensorBoard's Embedding Projector at the end.
 
 Nothing here changes training; `byol_tf.checkpointing` holds the callbacks that do (backups,
 the non-finite guard).
@@ -191,3 +192,72 @@ class KNNMonitor(keras.callbacks.Callback):
         if logs is not None:
             logs["knn_accuracy"] = accuracy
         logger.info("epoch %d: kNN accuracy %.4f (k=%d)", epoch + 1, accuracy, self.k)
+
+
+class ProjectorLogger(keras.callbacks.Callback):
+    """Writes held-out images for TensorBoard's Embedding Projector when training ends.
+
+    The representations of `images` under the trained encoder (`model.encoder`, centre
+    crops, `evaluation.extract_features`), their labels and thumbnails go to
+    LOG_DIR/embeddings (`byol_tf.embedding_projector.write`).
+
+    Args:
+        images: [N, S, S, 3] uint8 held-out images.
+        labels: [N] int labels (-1: unknown).
+        log_dir: the run's TensorBoard folder (RUN_DIR/logs).
+        image_size: encoder input side S.
+        batch_size: feature-extraction batch.
+    """
+
+    def __init__(self, images, labels, log_dir: str, image_size: int, batch_size: int = 256):
+        super().__init__()
+        self.images = np.asarray(images)
+        self.labels = np.asarray(labels).reshape(-1)
+        self.log_dir = log_dir
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.written = None  # the projector folder, once written
+
+    @classmethod
+    def from_config(cls, config, log_dir: str, data_config=None) -> "ProjectorLogger":
+        """A logger on `evaluation.projector_images` held-out images of the config's data.
+
+        Labelled images are a seeded, class-balanced subset (`data.load_balanced_subset`),
+        so every class shows; unlabelled data gives the first images of the held-out split.
+
+        Args:
+            config: a `byol_tf.config.Config`.
+            log_dir: the run's TensorBoard folder.
+            data_config: where the held-out split is read; default `config.data` (the TFX
+                Trainer passes its Examples artifact as a TFRecord source).
+
+        Raises:
+            ValueError: the data has no held-out split, or it is empty.
+        """
+        from byol_tf import augment, data
+
+        cfg = data_config or config.data
+        count, size = config.evaluation.projector_images, config.augment.image_size
+        images, labels = data.load_balanced_subset(cfg, "test", count, seed=cfg.seed, image_size=size)
+        if not len(labels):
+            unlabelled = data.load_split(cfg, "test").take(count).map(
+                lambda example: (
+                    tf.cast(tf.round(augment.center_crop_resize(example["image"], size) * 255.0), tf.uint8),
+                    example["label"],
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            pairs = list(unlabelled.as_numpy_iterator())
+            if not pairs:
+                raise ValueError("evaluation.projector_images: the held-out split has no images")
+            images, labels = np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
+        return cls(images, labels, log_dir, size, config.evaluation.linear_batch_size)
+
+    def on_train_end(self, logs=None):
+        from byol_tf import embedding_projector, evaluation
+
+        features = evaluation.extract_features(
+            self.model.encoder, self.images, self.image_size, self.batch_size, progress=False
+        )
+        self.written = embedding_projector.write(self.log_dir, features, self.labels, self.images)
+        logger.info("embedding projector: %d held-out images in %s", len(self.images), self.written)

@@ -2,7 +2,8 @@
 
 `train(config)` builds the strategy, the dataset, the model and the optimizer, runs
 `model.fit`, and writes into the run folder: `config.yaml`, TensorBoard logs under `logs/`
-and the encoder as `encoder.keras`. While it runs, `backup/` holds atomic checkpoints of the
+(with an Embedding Projector view of held-out images in `logs/embeddings/` at the end) and
+the encoder as `encoder.keras`. While it runs, `backup/` holds atomic checkpoints of the
 whole training state: the same command run again after a kill resumes from the last one and
 ends with the same weights as an uninterrupted run (with `train.deterministic`). The backup
 is deleted once the run has finished.
@@ -149,6 +150,7 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     backup_dir: str | None = None,
+    holdout_data: config_lib.DataConfig | None = None,
 ) -> TrainResult:
     """Pretrains BYOL with `keras.Model.fit`, resuming from a backup if one exists, and saves the encoder.
 
@@ -168,6 +170,9 @@ def train(
         extra_callbacks: appended to the standard ones.
         backup_dir: where the training state is backed up and resumed from; defaults to
             RUN_DIR/backup. Must outlive the process (and be shared by all workers).
+        holdout_data: where the Embedding Projector's held-out images are read
+            (`evaluation.projector_images`); default `config.data` (the TFX Trainer passes
+            its Examples artifact).
 
     Returns:
         The trained model, the fit history, the run folder and the steps per epoch.
@@ -230,6 +235,8 @@ def train(
             keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
             monitoring.ViewGridLogger(preview, log_dir, config.train.log_images),
         ]
+        if config.evaluation.projector_images:
+            callbacks += _projector_logger(config, log_dir, holdout_data or config.data)
     callbacks += [
         monitoring.CollapseGuard(),
         *extra_callbacks,
@@ -269,6 +276,14 @@ def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) ->
     if strategy.num_replicas_in_sync > 1 or not config.network.sync_batchnorm:
         return config
     return dataclasses.replace(config, network=dataclasses.replace(config.network, sync_batchnorm=False))
+
+
+def _projector_logger(config: config_lib.Config, log_dir: str, holdout: config_lib.DataConfig) -> list:
+    """[the Embedding Projector callback], or [] when the data has no held-out split."""
+    if holdout.eval_split is None and holdout.holdout_examples == 0:
+        logger.info("embedding projector off: the data has no held-out split (data.holdout_examples is 0)")
+        return []
+    return [monitoring.ProjectorLogger.from_config(config, log_dir, holdout)]
 
 
 def _config_dataset(config: config_lib.Config, batch: int, input_context: tf.distribute.InputContext | None):

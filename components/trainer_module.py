@@ -14,10 +14,12 @@ custom component of the pipeline takes. `run_fn` reads the train split's tf.Exam
   epoch's training metrics). This folder is what LinearEval scores and the Pusher copies.
 
 Both are written in place through `tf.io.gfile` (gs:// on Vertex): nothing is staged.
-The eval split is not read here: it is the linear-evaluation test split, never seen in
-pretraining. The kNN monitor of `byol-tf train` (`evaluation.knn_every_epochs`) is off in
-the Trainer: it would read `config.data` around the validated Examples; LinearEval
-reports kNN accuracy of the final encoder instead.
+The eval split is never trained on: it is the linear-evaluation test split. Only the
+Embedding Projector view (`evaluation.projector_images`) reads a few of its images at the
+end of training, as `byol-tf train` reads its held-out split. The kNN monitor of
+`byol-tf train` (`evaluation.knn_every_epochs`) is off in the Trainer: it would read
+`config.data` around the validated Examples; LinearEval reports kNN accuracy of the final
+encoder instead.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ def training_dataset(config: config_lib.Config, file_patterns, image_shape, inpu
         file_patterns, image_shape=image_shape, num_parallel_calls=tf.data.AUTOTUNE if parallel == -1 else parallel
     )
     return data.make_pretraining_dataset(config, input_context=input_context, images=images)
+
+
+def examples_data_config(config: config_lib.Config, train_files, eval_files) -> config_lib.DataConfig:
+    """The Examples artifact as a `tfrecord` data source: its train split and held-out eval split.
+
+    The library's readers then serve the Trainer as they serve `byol-tf train` (ImageExampleGen
+    already applied the hold-out and the size cap, so neither is applied again).
+    """
+    if len(train_files) != 1 or len(eval_files) != 1:
+        raise ValueError(f"Trainer: expected one file pattern per split, got {train_files} / {eval_files}")
+    return dataclasses.replace(
+        config.data, source="tfrecord", path=train_files[0], eval_split=eval_files[0], name=None, max_examples=None
+    )
 
 
 def pipeline_training_config(config: config_lib.Config) -> config_lib.Config:
@@ -118,4 +133,9 @@ def run_fn(fn_args):
         num_examples=summary.num_examples,
         num_classes=num_classes,
         backup_dir=backup_dir(fn_args),
+        # Never None while the projector is on: config.data would read the source around
+        # the validated Examples.
+        holdout_data=examples_data_config(config, fn_args.train_files, fn_args.eval_files)
+        if config.evaluation.projector_images
+        else None,
     )

@@ -1,6 +1,6 @@
 """`byol-tf-pipeline`: run the TFX pipeline here, or compile it for Vertex AI / Kubeflow.
 
-    byol-tf-pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR]
+    byol-tf-pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR] [--embed-split eval]
     byol-tf-pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \\
         --image IMAGE --pipeline-root gs://BUCKET/byol-tf
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="pipeline_output", help="artifacts, metadata and pushed encoders go here")
     run.add_argument("--blessing-margin", type=float, help="required top-1 gain over random init (default 0.01)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component even if nothing changed")
+    add_embed_split_argument(run)
     library_cli.add_verbose_argument(run)
 
     compile_ = actions.add_parser("compile", help="compile the pipeline to a Kubeflow v2 / Vertex AI job file")
@@ -45,8 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="a Beam pipeline argument, e.g. --beam-arg=--runner=DataflowRunner (repeatable)",
     )
+    add_embed_split_argument(compile_)
     library_cli.add_verbose_argument(compile_)
     return parser
+
+
+def add_embed_split_argument(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--embed-split",
+        choices=["eval", "train"],
+        help="after the Pusher, embed this split with the blessed encoder (EmbedImages, Parquet)",
+    )
 
 
 def _run(args) -> int:
@@ -60,6 +70,7 @@ def _run(args) -> int:
         output_dir=args.output_dir,
         blessing_margin=args.blessing_margin,
         enable_cache=not args.no_cache,
+        embed_split=args.embed_split,
     )
     print(summary.format(), flush=True)
     return 0
@@ -75,6 +86,7 @@ def _compile(args) -> int:
         "pipeline_root": args.pipeline_root,
         "push_destination": args.push_destination,
         "beam_pipeline_args": args.beam_args,
+        "embed_split": args.embed_split,
     }
     path = kubeflow_v2_runner.compile_pipeline(
         config,

@@ -14,7 +14,7 @@ installed (see the repository's Dockerfile). Build and push it, compile, then su
 The same `create_pipeline` as the local runner is compiled; Vertex keeps ML Metadata
 itself. The blessing margin and the ingestion's maximum bad-record fraction are runtime
 parameters (set them at submission, e.g. `parameter_values={"blessing_margin": 0.02}`).
-The Beam-based component (StatisticsGen) takes `beam_pipeline_args`, e.g.
+The Beam-based components (StatisticsGen, EmbedImages) take `beam_pipeline_args`, e.g.
 `dataflow_beam_args(...)` to run it on Dataflow.
 
 Nothing here needs Google Cloud credentials: compiling only writes a file.
@@ -67,6 +67,7 @@ def compile_pipeline(
     blessing_margin: float | None = None,
     max_bad_fraction: float = 0.01,
     source_fingerprint: str | None = None,
+    embed_split: str | None = None,
 ) -> str:
     """Writes the Vertex / Kubeflow v2 pipeline job JSON for a config.
 
@@ -83,6 +84,7 @@ def compile_pipeline(
         source_fingerprint: `byol_tfx.components.ingestion.source_fingerprint` of a folder /
             TFRecord source, when the compiling machine can list it: a new value (new
             files) makes ImageExampleGen a cache miss on Vertex too.
+        embed_split: "eval" or "train" adds the EmbedImages step (Beam, `beam_pipeline_args`).
 
     Returns:
         `output_file`.
@@ -107,6 +109,7 @@ def compile_pipeline(
             name=MAX_BAD_FRACTION_PARAMETER, ptype=float, default=float(max_bad_fraction)
         ),
         source_fingerprint=source_fingerprint,
+        embed_split=embed_split,
     )
     output_dir, filename = os.path.split(os.path.abspath(output_file))
     os.makedirs(output_dir, exist_ok=True)

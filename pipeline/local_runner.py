@@ -66,6 +66,7 @@ class RunSummary:
         latest_pushed: the newest pushed encoder of any run of this pipeline, or None.
         serving_check: ServingCheck's reason (it loads the encoder in a fresh process and
             answers its warm-up requests), or None when it did not run.
+        embeddings: EmbedImages' Parquet folder in this run, or None (not enabled, or skipped).
     """
 
     run_id: str
@@ -76,6 +77,7 @@ class RunSummary:
     pushed_to: str | None
     latest_pushed: str | None
     serving_check: str | None = None
+    embeddings: str | None = None
 
     def format(self) -> str:
         """The lines the runner prints: the linear-eval table and where the encoder went."""
@@ -91,6 +93,8 @@ class RunSummary:
             lines.append("nothing pushed in this run")
             if self.latest_pushed:
                 lines.append(f"latest blessed encoder (an earlier run): {self.latest_pushed}")
+        if self.embeddings:
+            lines.append(f"embeddings written to {self.embeddings}")
         return "\n".join(lines)
 
 
@@ -127,7 +131,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
     from tfx.orchestration import metadata
     from tfx.types import standard_artifacts
 
-    from byol_tfx.components import linear_eval, serving_check
+    from byol_tfx.components import embed_images, linear_eval, serving_check
 
     store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
     pipeline_context = store.get_context_by_type_and_name(constants.PIPELINE_CONTEXT_TYPE_NAME, pipeline_name)
@@ -146,6 +150,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
 
     states: dict[str, list[str]] = {}
     linear_eval_doc, blessed, message, pushed_to, serving_message = None, False, "LinearEval did not run", None, None
+    embeddings = None
     for execution in sorted(store.get_executions_by_context(run.id), key=lambda e: e.id):
         node = _node_id(store, execution)
         states.setdefault(node, []).append(mlmd.proto.Execution.State.Name(execution.last_known_state))
@@ -161,6 +166,8 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
                 serving_message = properties[serving_check.MESSAGE_KEY].string_value
             elif type_name == standard_artifacts.PushedModel.TYPE_NAME and properties["pushed"].int_value == 1:
                 pushed_to = properties["pushed_destination"].string_value
+            elif type_name == embed_images.Embeddings.TYPE_NAME and properties[embed_images.EMBEDDED_KEY].int_value:
+                embeddings = artifact.uri
 
     latest_pushed = None
     pushes = [
@@ -179,6 +186,7 @@ def summarize_run(metadata_path: str, pipeline_name: str, run_id: str | None = N
         pushed_to=pushed_to,
         latest_pushed=latest_pushed,
         serving_check=serving_message,
+        embeddings=embeddings,
     )
 
 
@@ -190,6 +198,7 @@ def run(
     blessing_margin: float | None = None,
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     enable_cache: bool = True,
+    embed_split: str | None = None,
 ) -> RunSummary:
     """Runs the pipeline of an experiment here and reads back what the run did.
 
@@ -200,8 +209,10 @@ def run(
         output_dir: folder holding every pipeline's artifacts, metadata and pushed models.
         blessing_margin: required top-1 gain over the random-init encoder (fraction);
             default `pipeline.DEFAULT_BLESSING_MARGIN`.
-        beam_pipeline_args: for the Beam-based component (StatisticsGen).
+        beam_pipeline_args: for the Beam-based components (StatisticsGen, EmbedImages).
         enable_cache: reuse executions whose inputs and parameters are unchanged.
+        embed_split: "eval" or "train": also embed that split with the blessed encoder
+            (EmbedImages); None: not.
 
     Returns:
         The run's summary.
@@ -224,6 +235,7 @@ def run(
         enable_cache=enable_cache,
         # Changed files in a folder / TFRecord source must not be served from the cache.
         source_fingerprint=ingestion.source_fingerprint(config.data.source, config.data.path, config.data.eval_split),
+        embed_split=embed_split,
     )
     tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
     return summarize_run(paths.metadata_path, pipeline_name)

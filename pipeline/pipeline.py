@@ -14,6 +14,8 @@ orchestrator. Components are thin adapters over `byol_tf`:
     LinearEval        examples + model + latest blessed -> metrics, blessing (byol_tf.evaluation)
     Pusher            model + blessing + infra blessing -> push_destination/<timestamp>/
                       when both are blessed
+    EmbedImages       examples + pushed model -> Parquet embeddings of one split (optional,
+                      `embed_split`; byol_tf.embed, on Beam)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SERVING_CHECK = "ServingCheck"
 LATEST_BLESSED_MODEL_RESOLVER = "latest_blessed_model_resolver"
 LINEAR_EVAL = "LinearEval"
 PUSHER = "Pusher"
+EMBED_IMAGES = "EmbedImages"
 
 
 def default_pipeline_name(config_path: str) -> str:
@@ -54,6 +57,7 @@ def create_pipeline(
     enable_cache: bool = True,
     max_bad_fraction=0.01,
     source_fingerprint: str | None = None,
+    embed_split: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline (nothing runs, nothing is written).
 
@@ -76,13 +80,17 @@ def create_pipeline(
         source_fingerprint: a hash of a folder / TFRecord source's files
             (`byol_tfx.components.ingestion.source_fingerprint`, computed by the runner): part of
             ImageExampleGen's cache key, so changed files are read again.
+        embed_split: "eval" or "train" adds EmbedImages after the Pusher: the blessed
+            encoder's Parquet embeddings of that split (nothing when not blessed); None: no
+            such step.
 
     Returns:
         A `tfx.dsl.Pipeline`.
 
     Raises:
-        ValueError: `push_destination` is missing.
+        ValueError: `push_destination` is missing, or `embed_split` is not a split.
     """
+    from byol_tfx.components import embed_images as embed_images_lib
     from byol_tfx.components import example_gen as example_gen_lib
     from byol_tfx.components import linear_eval as linear_eval_lib
     from byol_tfx.components import serving_check as serving_check_lib
@@ -142,10 +150,20 @@ def create_pipeline(
         ),
     ).with_id(PUSHER)
 
+    embedding = []
+    if embed_split is not None:
+        embedding = [
+            embed_images_lib.EmbedImages(
+                examples=examples, pushed_model=pusher.outputs["pushed_model"], config=config_json, split=embed_split
+            ).with_id(EMBED_IMAGES)
+        ]
+
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,
-        components=[example_gen, *validation.values(), trainer, serving_check, latest_blessed, linear_eval, pusher],
+        components=[
+            example_gen, *validation.values(), trainer, serving_check, latest_blessed, linear_eval, pusher, *embedding
+        ],
         enable_cache=enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(beam_pipeline_args or []),

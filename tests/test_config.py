@@ -143,6 +143,8 @@ def test_configs_are_frozen():
         ({"evaluation": {"linear_crop_ratio": [0.0, 1.0]}}, r"^evaluation\.linear_crop_ratio: 0\.0 is outside"),
         ({"evaluation": {"linear_flip_prob": 2}}, r"^evaluation\.linear_flip_prob: 2\.0 is outside"),
         ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
+        ({"evaluation": {"projector_images": -1}}, r"^evaluation\.projector_images: -1 is outside the allowed range \[0, 10000\]"),
+        ({"evaluation": {"projector_images": 10_001}}, r"^evaluation\.projector_images: 10001 is outside"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):

@@ -147,3 +147,56 @@ def test_collapse_guard_warns_below_a_tenth_of_one_over_sqrt_dim(value, warned, 
     assert bool(guard.collapsed_epochs) is warned
     assert guard.model.stop_training is warned
     assert ("may be collapsing" in caplog.text) is warned
+
+
+# ------------------------------------------------------------------ embedding projector
+
+
+def test_projector_logger_writes_the_trained_encoders_features_at_the_end(tmp_path):
+    from byol_tf import embedding_projector, evaluation
+
+    images, labels = quadrant_images(20)
+    logger = monitoring.ProjectorLogger(images[:9], labels[:9], str(tmp_path / "logs"), image_size=16)
+    model = WithEncoder(quadrant_encoder())
+    model.compile(optimizer="sgd", loss="mse")
+    inputs = augment.center_crop_resize(images, 16).numpy()
+    model.fit(inputs, np.zeros((20, 1)), epochs=1, verbose=0, callbacks=[logger])
+
+    folder = str(tmp_path / "logs" / embedding_projector.RUN_NAME)
+    assert logger.written == folder
+    stored = tf.train.load_checkpoint(tf.train.latest_checkpoint(folder)).get_tensor(embedding_projector.TENSOR_NAME)
+    expected = evaluation.extract_features(model.encoder, images[:9], 16, progress=False)
+    np.testing.assert_allclose(stored, expected, rtol=1e-6)
+
+
+def test_projector_logger_from_config_is_class_balanced(tmp_path):
+    config = config_lib.from_dict(
+        {
+            "data": {"source": "digits", "max_examples": 300, "holdout_examples": 100},
+            "augment": {"image_size": 8},
+            "evaluation": {"projector_images": 30},
+        }
+    )
+    logger = monitoring.ProjectorLogger.from_config(config, str(tmp_path))
+    assert logger.images.shape == (30, 8, 8, 3) and logger.images.dtype == np.uint8
+    assert np.bincount(logger.labels, minlength=10).tolist() == [3] * 10
+
+
+def test_projector_logger_from_config_shows_unlabelled_images_too(tmp_path):
+    folder = tmp_path / "images"
+    for index in range(10):  # no class sub-folders: label -1
+        fx.write(str(folder / f"{index:02d}.png"), fx.png(index, (20, 12, 3)))
+    config = config_lib.from_dict(
+        {
+            "data": {"source": "folder", "path": str(folder), "holdout_examples": 4},
+            "augment": {"image_size": 8},
+            "evaluation": {"projector_images": 3},
+        }
+    )
+    logger = monitoring.ProjectorLogger.from_config(config, str(tmp_path))
+    assert logger.images.shape == (3, 8, 8, 3)
+    assert logger.labels.tolist() == [-1, -1, -1]
+    # The held-out images, centre-cropped as the encoder sees them.
+    held_out = next(iter(data.load_split(config.data, "test").batch(3)))["image"]
+    expected = tf.cast(tf.round(augment.center_crop_resize(held_out, 8) * 255.0), tf.uint8).numpy()
+    np.testing.assert_array_equal(logger.images, expected)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fixtures import images as fx
+from fixtures.artifacts import CLASSES, write_examples
 from tfx.components.pusher import executor as pusher_executor
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata
-from tfx.types import artifact_utils, standard_artifacts
+from tfx.types import standard_artifacts
 
 from byol_tf import config as config_lib
 from byol_tf import networks
@@ -24,7 +25,6 @@ from byol_tfx.pipeline import pipeline as pipeline_lib
 
 SMOKE = "configs/smoke.yaml"
 NAME = "byol-tf-smoke"
-CLASSES = 3
 INGESTION_AND_VALIDATION = ("ImageExampleGen", "StatisticsGen", "ImageSchemaGen", "ExampleValidator", "ValidationGate")
 COMPONENTS = (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck", "LinearEval", "Pusher")
 # Each of these runs after the one before it; ServingCheck runs beside LinearEval.
@@ -59,17 +59,6 @@ def test_margin_comes_first_even_for_the_latest_blessed_encoder():
 
 
 # ------------------------------------------------------------------ small artifacts
-
-
-def write_examples(root, train=24, eval_=12, side=fx.SIDE):
-    """An Examples artifact laid out as ImageExampleGen writes it (GZIP, Split-<name>/)."""
-    for split, count, offset in (("train", train, 0), ("eval", eval_, 1000)):
-        records = [fx.tf_example(fx.png(offset + i), i % CLASSES, side, side) for i in range(count)]
-        fx.write_tfrecord(os.path.join(root, f"Split-{split}", "data_tfrecord-00000-of-00001.gz"), records, gzip=True)
-    examples = standard_artifacts.Examples()
-    examples.uri = root
-    examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
-    return examples
 
 
 def smoke_config(**evaluation):
@@ -291,6 +280,19 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
     assert fingerprinted.components[0].exec_properties["source_fingerprint"] == "abc123"
     with pytest.raises(ValueError, match="push_destination"):
         pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination=None)
+    assert "EmbedImages" not in ids
+
+
+def test_embed_split_adds_embed_images_after_the_pusher(tmp_path):
+    config = config_lib.load(SMOKE)
+    pipeline = pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination="x", embed_split="train")
+    embed = pipeline.components[-1]
+    assert embed.id == "EmbedImages" and pipeline.components[-2].id == "Pusher"
+    assert embed.exec_properties["config"] == config_lib.to_json(config)
+    assert embed.exec_properties["split"] == "train"
+    assert embed.inputs["pushed_model"].producer_component_id == "Pusher"
+    with pytest.raises(ValueError, match="embed_split: 'test' is not one of"):
+        pipeline_lib.create_pipeline("p", str(tmp_path), config, push_destination="x", embed_split="test")
 
 
 def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parameters(tmp_path):
@@ -371,6 +373,29 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     assert "tfx.InfraBlessing" in output_types["blessing"]["artifactType"]["instanceSchema"]
 
 
+def test_compiled_vertex_pipeline_has_embed_images_when_enabled(tmp_path):
+    # Without --embed-split the compiled tasks are exactly COMPONENTS and the resolvers
+    # (the test above); with it, EmbedImages runs after the Pusher, on Beam.
+    path = kubeflow_v2_runner.compile_pipeline(
+        config_lib.load(SMOKE),
+        str(tmp_path / "byol.json"),
+        "byol-tf-smoke",
+        beam_pipeline_args=["--runner=DataflowRunner"],
+        embed_split="eval",
+    )
+    with open(path) as stream:
+        spec = json.load(stream)["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "Pusher" in tasks["EmbedImages"]["dependentTasks"]
+    parameters = tasks["EmbedImages"]["inputs"]["parameters"]
+    assert parameters["split"]["runtimeValue"]["constantValue"]["stringValue"] == "eval"
+    args = spec["deploymentSpec"]["executors"]["EmbedImages_executor"]["container"]["args"]
+    assert args[args.index("--executor_class_path") + 1] == "byol_tfx.components.embed_images.Executor"
+    assert "--runner=DataflowRunner" in args
+    output_types = spec["components"]["EmbedImages"]["outputDefinitions"]["artifacts"]
+    assert "byol_tf.Embeddings" in output_types["embeddings"]["artifactType"]["instanceSchema"]
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -395,7 +420,9 @@ def first_run(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("pipeline_output"))
     # Smoke training is too short to beat random init: a margin of -1 makes it blessed, so
     # the push path is exercised; the rule itself is tested above.
-    summary = local_runner.run(config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0)
+    summary = local_runner.run(
+        config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0, embed_split="eval"
+    )
     return output_dir, summary
 
 
@@ -406,7 +433,7 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
     paths = local_runner.run_paths(output_dir, name)
 
     executions = executions_by_node(paths.metadata_path, name)
-    for component in COMPONENTS:
+    for component in (*COMPONENTS, "EmbedImages"):
         assert [state for _, state in executions[component]] == ["COMPLETE"], component
 
     document = summary.linear_eval
@@ -430,6 +457,14 @@ def test_whole_pipeline_runs_every_component_once_and_pushes_a_working_encoder(f
     assert f"blessed encoder pushed to {summary.pushed_to}" in text and "random_init" in text
     assert f"ServingCheck: {summary.serving_check}" in text
 
+    # EmbedImages embedded the held-out split with the pushed encoder.
+    from byol_tf import embed
+
+    embedded = embed.read(summary.embeddings)
+    assert f"embeddings written to {summary.embeddings}" in text
+    assert len(embedded.keys) == document["num_test"] == embedded.manifest["count"]
+    assert embedded.embeddings.shape[1] == document["rows"]["byol"]["feature_dim"]
+
 
 @pytest.mark.slow
 def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_worse(first_run):
@@ -439,7 +474,9 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
 
     # Same config: everything up to the Trainer is reused; the encoder IS the latest
     # blessed one, so it stays blessed.
-    second = local_runner.run(config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0)
+    second = local_runner.run(
+        config_lib.load(SMOKE), NAME, output_dir=output_dir, blessing_margin=-1.0, embed_split="eval"
+    )
     for component in (*INGESTION_AND_VALIDATION, "Trainer", "ServingCheck"):
         assert second.states[component] == ["CACHED"], component
     assert second.states["LinearEval"] == ["COMPLETE"]
@@ -447,7 +484,9 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
 
     # Another training seed: data steps still cached, a new encoder is trained and blessed
     # only if its validation top-1 is not below the blessed one's.
-    third = local_runner.run(config_lib.load(SMOKE, ["train.seed=1"]), NAME, output_dir=output_dir, blessing_margin=-1.0)
+    third = local_runner.run(
+        config_lib.load(SMOKE, ["train.seed=1"]), NAME, output_dir=output_dir, blessing_margin=-1.0, embed_split="eval"
+    )
     for component in INGESTION_AND_VALIDATION:
         assert third.states[component] == ["CACHED"], component
     assert third.states["Trainer"] == ["COMPLETE"]
@@ -485,6 +524,25 @@ def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
     assert code == 2
     assert "byol-tf-pipeline run: error: train.epochs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_projector_reads_the_held_out_eval_split_of_the_examples(tmp_path):
+    from byol_tf import augment, monitoring
+    from byol_tfx.components import trainer_module
+
+    examples = write_examples(str(tmp_path / "examples"), train=12, eval_=9)
+    config = smoke_config(projector_images=6)
+    holdout = trainer_module.examples_data_config(
+        config, examples_io.split_file_patterns(examples, "train"), examples_io.split_file_patterns(examples, "eval")
+    )
+    logger = monitoring.ProjectorLogger.from_config(config, str(tmp_path / "logs"), holdout)
+    # Two of each class, all from the eval split (its images are seeds 1000+).
+    assert np.bincount(logger.labels, minlength=CLASSES).tolist() == [2, 2, 2]
+    eval_images, _ = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
+    size = config.augment.image_size
+    expected = np.round(augment.center_crop_resize(eval_images[:6], size).numpy() * 255)
+    assert logger.images.shape == (6, size, size, 3)
+    np.testing.assert_array_equal(logger.images, expected)
 
 
 def test_trainer_backup_dir_is_stable_across_executions_of_the_same_training():

@@ -54,15 +54,20 @@ def test_cli_train_smoke_writes_config_logs_encoder_and_loss_falls(tmp_path, cap
     images = np.random.default_rng(0).uniform(size=(2, 28, 28, 3)).astype(np.float32)
     assert encoder(images).shape == (2, 256)
 
-    scalars, images_logged = {}, []
+    scalars, images_logged, texts = {}, [], {}
     for path in glob.glob(os.path.join(run_dir, "logs", "**", "events.out.tfevents.*"), recursive=True):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "images" or value.tag == "view_pairs":
                     images_logged.append(value.tag)
+                elif value.metadata.plugin_data.plugin_name == "text":
+                    texts[value.tag] = tf.make_ndarray(value.tensor).item().decode()
                 else:
                     scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
     assert "view_pairs" in images_logged
+    # The Embedding Projector run of the held-out split (its event file makes it a run).
+    assert texts["embedding_projector"].startswith("128 held-out images")
+    assert os.path.isfile(os.path.join(run_dir, "logs", "embeddings", "projector_config.pbtxt"))
     for tag in ("epoch_loss", "epoch_tau", "epoch_learning_rate", "epoch_collapse_std", "epoch_probe_accuracy"):
         assert len(scalars[tag]) == 3, tag
     assert scalars["epoch_loss"][-1] < scalars["epoch_loss"][0]
@@ -98,4 +103,5 @@ def test_cli_output_is_progress_and_results_not_tensorflow_start_up_chatter(tmp_
     lines = (out.stdout + out.stderr).splitlines()
     chatter = [line for line in lines if line.startswith(("WARNING: All log messages", "I0000", "W0000", "E0000"))]
     assert chatter == []
-    assert lines[0].startswith("byol-tf: encoder saved to")
+    assert lines[0].startswith("byol-tf: embedding projector: 128 held-out images in")
+    assert lines[1].startswith("byol-tf: encoder saved to")
