@@ -8,29 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fixtures import images as fx
+from fixtures import synthetic
 
 from byol_tf import augment, data, monitoring
 from byol_tf import config as config_lib
-
-
-def quadrant_images(num, size=16, seed=0):
-    """Class c = a bright 4x4 square somewhere in quadrant c, on noise; uint8 [N, S, S, 3]."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, num)
-    images = rng.uniform(0, 60, size=(num, size, size, 3))
-    half = size // 2
-    for image, label in zip(images, labels):
-        top = (label // 2) * half + rng.integers(1, half - 4)
-        left = (label % 2) * half + rng.integers(1, half - 4)
-        image[top : top + 4, left : left + 4] = 255
-    return images.astype(np.uint8), labels
-
-
-def quadrant_encoder(size=16):
-    """A "trained" encoder for `quadrant_images`: mean brightness of each quadrant."""
-    inputs = keras.Input((size, size, 3))
-    pooled = keras.layers.AveragePooling2D(size // 2)(inputs)
-    return keras.Model(inputs, keras.layers.Flatten()(pooled))
 
 
 class WithEncoder(keras.Model):
@@ -50,11 +31,11 @@ class WithEncoder(keras.Model):
 
 
 def test_knn_monitor_logs_every_n_epochs_before_tensorboard(tmp_path):
-    images, labels = quadrant_images(80)
+    images, labels = synthetic.quadrant_images(80)
     monitor = monitoring.KNNMonitor(
         images[:60], labels[:60], images[60:], labels[60:], image_size=16, every_epochs=2, k=5
     )
-    model = WithEncoder(quadrant_encoder())
+    model = WithEncoder(synthetic.quadrant_encoder())
     model.compile(optimizer="sgd", loss="mse")
     inputs = augment.center_crop_resize(images, 16).numpy()
     history = model.fit(
