@@ -143,6 +143,17 @@ def test_configs_are_frozen():
         ({"evaluation": {"linear_crop_ratio": [0.0, 1.0]}}, r"^evaluation\.linear_crop_ratio: 0\.0 is outside"),
         ({"evaluation": {"linear_flip_prob": 2}}, r"^evaluation\.linear_flip_prob: 2\.0 is outside"),
         ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
+        ({"evaluation": {"finetune_label_fractions": []}}, r"^evaluation\.finetune_label_fractions: must hold at least"),
+        (
+            {"evaluation": {"finetune_label_fractions": [0.1, 1.5]}},
+            r"^evaluation\.finetune_label_fractions: 1\.5 is outside the allowed range \(0\.0, 1\.0\]$",
+        ),
+        ({"evaluation": {"finetune_label_fractions": [0.0]}}, r"^evaluation\.finetune_label_fractions: 0\.0 is outside"),
+        ({"evaluation": {"finetune_label_fractions": [0.1, 0.1]}}, r"^evaluation\.finetune_label_fractions: repeats 0\.1$"),
+        ({"evaluation": {"finetune_learning_rates": [0.1, -1]}}, r"^evaluation\.finetune_learning_rates: -1\.0 is outside"),
+        ({"evaluation": {"finetune_epochs": 0}}, r"^evaluation\.finetune_epochs: 0 is outside the allowed range"),
+        ({"evaluation": {"finetune_batch_size": 0}}, r"^evaluation\.finetune_batch_size: 0 is outside"),
+        ({"evaluation": {"finetune_in_pipeline": "yes"}}, r"^evaluation\.finetune_in_pipeline: expected true or false"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):
