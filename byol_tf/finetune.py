@@ -56,7 +56,6 @@ from byol_tf.config import FINETUNE_PROTOCOL, Config, ViewConfig
 
 logger = logging.getLogger(__name__)
 
-FINETUNE = FINETUNE_PROTOCOL
 HEAD_NAME = "finetune_head"
 _MOMENTUM = 0.9
 
@@ -307,7 +306,7 @@ class FinetuneReport:
     num_train: int
     num_validation: int
     num_test: int
-    protocol: str = FINETUNE
+    protocol: str = FINETUNE_PROTOCOL
 
     def format_table(self) -> str:
         """Plain-text table, one row per label fraction and encoder, accuracies in percent."""
@@ -349,7 +348,7 @@ class FinetuneReport:
     def metric_values(self) -> dict[str, float]:
         """Flat {"finetune_<fraction>_<name>_<top1|top5|val_top1>": value}, e.g. for ML Metadata properties."""
         return {
-            f"{FINETUNE}_{fraction!r}_{name}_{key}": float(row[key])
+            f"{FINETUNE_PROTOCOL}_{fraction!r}_{name}_{key}": float(row[key])
             for fraction, rows in self.rows.items()
             for name, row in rows.items()
             for key in ("top1", "top5", "val_top1")
