@@ -1,8 +1,9 @@
-"""`byol-tf` command line: a thin layer over `byol_tf.experiment`, `evaluation` and `export`.
+"""`byol-tf` command line: a thin layer over `byol_tf.experiment`, `evaluation`, `finetune` and `export`.
 
     byol-tf train --config configs/mnist5k.yaml [--set section.field=value ...]
     byol-tf train --config configs/imagenet_resnet50.yaml --paper-budget 300
     byol-tf eval --encoder RUN_DIR/encoder.keras --config configs/mnist5k.yaml
+    byol-tf eval --protocol finetune --label-fraction 0.1 --encoder RUN_DIR/encoder.keras --config ...
     byol-tf export --run RUN_DIR --out DIR
     byol-tf embed --model RUN_OR_EXPORT --config configs/mnist5k.yaml --split test --out DIR
     byol-tf neighbours --embeddings DIR --query digit.png [-k 8] --out grid.png
@@ -19,6 +20,7 @@ import sys
 
 from byol_tf import embed as embed_lib
 from byol_tf import logs, presets
+from byol_tf.config import EVALUATION_PROTOCOLS, FINETUNE_PROTOCOL
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
@@ -57,12 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose_argument(train)
 
     evaluate = commands.add_parser(
-        "eval", help="linear evaluation of a saved encoder, beside random-init and raw-pixel baselines"
+        "eval",
+        help="linear evaluation of a saved encoder beside random-init and raw-pixel baselines, or "
+        "fine-tuning on a fraction of the labels beside a random-init encoder (--protocol finetune)",
     )
     evaluate.add_argument("--encoder", required=True, help="a Keras encoder file (RUN_DIR/encoder.keras)")
     add_config_arguments(evaluate)
     evaluate.add_argument("--out", help="also write the report as JSON to this file")
     evaluate.add_argument("--no-baselines", action="store_true", help="evaluate the encoder only")
+    evaluate.add_argument(
+        "--protocol",
+        choices=[*EVALUATION_PROTOCOLS, FINETUNE_PROTOCOL],
+        help="a linear protocol (sets evaluation.protocol; default: the config's) or finetune: the encoder "
+        "fine-tuned on a fraction of the labels beside a random-init one (evaluation.finetune_*)",
+    )
+    evaluate.add_argument(
+        "--label-fraction",
+        type=float,
+        nargs="+",
+        metavar="F",
+        help="with --protocol finetune: label fractions in (0, 1], e.g. 0.01 0.1 "
+        "(sets evaluation.finetune_label_fractions)",
+    )
     add_verbose_argument(evaluate)
 
     export = commands.add_parser("export", help="export a run's encoder as a SavedModel for serving")
@@ -101,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(args):
+def load_config(args, flag_overrides=()):
+    """The config of --config, then --paper-budget, --set and `flag_overrides` (the command's own flags) on top."""
     from byol_tf import config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + list(flag_overrides)
     if getattr(args, "paper_budget", None) is not None:
         # First, so that --set overrides still win.
         overrides = presets.paper_budget_overrides(args.paper_budget) + overrides
@@ -122,15 +141,27 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    cfg = load_config(args)
-    from byol_tf import evaluation, fileio
+    finetuning = args.protocol == FINETUNE_PROTOCOL
+    if args.label_fraction and not finetuning:
+        raise ValueError("--label-fraction: only with --protocol finetune")
+    flags = []
+    if args.protocol in EVALUATION_PROTOCOLS:
+        flags.append(f"evaluation.protocol={args.protocol}")
+    if args.label_fraction:
+        flags.append(f"evaluation.finetune_label_fractions={args.label_fraction}")
+    cfg = load_config(args, flags)
+    from byol_tf import evaluation, fileio, finetune
 
     if not fileio.isfile(args.encoder):
         raise ValueError(f"--encoder: {args.encoder!r} does not exist")
     import keras
 
     encoder = keras.models.load_model(args.encoder, compile=False)
-    report = evaluation.evaluate(encoder, cfg, baselines=False if args.no_baselines else None)
+    baselines = False if args.no_baselines else None
+    if finetuning:
+        report = finetune.evaluate(encoder, cfg, baselines=baselines)
+    else:
+        report = evaluation.evaluate(encoder, cfg, baselines=baselines)
     print(report.format_table())
     if args.out:
         fileio.write_json(args.out, report.to_dict())

@@ -44,6 +44,17 @@ def _check_pair(field: str, pair: Sequence[float], low: float, high: float, *, l
         _fail(field, f"min {pair[0]} is greater than max {pair[1]}")
 
 
+def _check_sweep(field: str, values: Sequence[float], low: float, high: float):
+    """A non-empty list of distinct values in (low, high]: the settings one run compares."""
+    if not values:
+        _fail(field, "must hold at least one value")
+    for value in values:
+        _check_range(field, value, low, high, low_open=True)
+    repeated = sorted({value for value in values if list(values).count(value) > 1})
+    if repeated:
+        _fail(field, f"repeats {', '.join(map(repr, repeated))}")
+
+
 def _check_choice(field: str, value: str, choices: Sequence[str]):
     if value not in choices:
         _fail(field, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
@@ -302,6 +313,8 @@ class DistributeConfig:
 
 
 EVALUATION_PROTOCOLS = ("transfer", "imagenet")
+# `byol-tf eval --protocol finetune`: fine-tuning (byol_tf.finetune), not a linear protocol.
+FINETUNE_PROTOCOL = "finetune"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +335,17 @@ class EvaluationConfig:
     labelled) are embedded by the encoder and written for TensorBoard's Embedding Projector
     with their labels and thumbnails (RUN_DIR/logs/embeddings, `byol_tf.embedding_projector`);
     0 turns it off. Runs without a held-out split skip it.
+
+    Fine-tuning (`byol-tf eval --protocol finetune`, byol_tf.finetune; paper Sec. 4.2,
+    App. C.2), run on request rather than by `protocol`, which stays the linear protocol
+    that `train` reports and the pipeline blesses on: the encoder and a linear head train
+    end to end on a class-balanced `finetune_label_fractions` of the training labels, with
+    the same random resized crops and flips as the imagenet protocol (`linear_crop_scale`,
+    `linear_crop_ratio`, `linear_flip_prob`), for `finetune_epochs` epochs in batches of
+    `finetune_batch_size`; the learning rate (for a batch of 256) is chosen from
+    `finetune_learning_rates` on the `validation_fraction` part. `finetune_in_pipeline`
+    adds the fine-tuning rows to the pipeline's LinearEval metrics (off: it costs a
+    training run per learning rate, fraction and encoder).
     """
 
     protocol: str = "transfer"
@@ -341,6 +365,11 @@ class EvaluationConfig:
     knn_examples: int = 1000
     baselines: bool = True
     projector_images: int = 1000
+    finetune_label_fractions: tuple[float, ...] = (0.01, 0.1)
+    finetune_epochs: int = 30
+    finetune_learning_rates: tuple[float, ...] = (0.01, 0.03, 0.1)
+    finetune_batch_size: int = 256
+    finetune_in_pipeline: bool = False
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.protocol", self.protocol, EVALUATION_PROTOCOLS)
@@ -367,6 +396,10 @@ class EvaluationConfig:
         _check_range(f"{prefix}.knn_examples", self.knn_examples, 1, 10**7)
         # The projector draws every point in the browser; beyond ~10k it stops being usable.
         _check_range(f"{prefix}.projector_images", self.projector_images, 0, 10_000)
+        _check_sweep(f"{prefix}.finetune_label_fractions", self.finetune_label_fractions, 0.0, 1.0)
+        _check_range(f"{prefix}.finetune_epochs", self.finetune_epochs, 1, 10**5)
+        _check_sweep(f"{prefix}.finetune_learning_rates", self.finetune_learning_rates, 0.0, 100.0)
+        _check_range(f"{prefix}.finetune_batch_size", self.finetune_batch_size, 1, 10**6)
 
 
 @dataclasses.dataclass(frozen=True)

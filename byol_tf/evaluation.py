@@ -670,9 +670,13 @@ def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def _accuracies(classifier, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """Top-1 and top-5 of `classifier.logits` over (features, labels) batches."""
+    return logit_accuracies((classifier.logits(features), labels) for features, labels in batches)
+
+
+def logit_accuracies(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Top-1 and top-5 over (logits [B, classes], labels [B]) batches; NaN for no examples."""
     top1 = top5 = count = 0
-    for features, labels in batches:
-        logits = classifier.logits(features)
+    for logits, labels in batches:
         top1 += _top_k_hits(logits, labels, 1)
         top5 += _top_k_hits(logits, labels, 5)
         count += len(labels)
@@ -1195,11 +1199,7 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sweep keys as strings)."""
-        rows = {}
-        for name, row in self.rows.items():
-            row = dict(row)
-            row["sweep"] = {repr(value): accuracy for value, accuracy in row.get("sweep", {}).items()}
-            rows[name] = row
+        rows = {name: json_row(row) for name, row in self.rows.items()}
         return {
             "protocol": self.protocol,
             "num_classes": self.num_classes,
@@ -1207,6 +1207,13 @@ class EvaluationReport:
             "num_test": self.num_test,
             "rows": rows,
         }
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a report row with its sweep's keys (floats) as repr strings, for JSON."""
+    row = dict(row)
+    row["sweep"] = {repr(value): accuracy for value, accuracy in row.get("sweep", {}).items()}
+    return row
 
 
 def _input_splits(

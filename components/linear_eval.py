@@ -17,6 +17,14 @@ raw pixels under the transfer protocol), and writes
   deployed. The blessing carries `current_model_id` (so the resolver can find it next run)
   and `byol_val_top1` (so the next run can compare with it).
 
+With `evaluation.finetune_in_pipeline: true` (default off: a training run per learning
+rate, label fraction and encoder) it also runs `byol_tf.finetune.evaluate` on the same
+splits: the encoder and a random-init one fine-tuned on `evaluation.finetune_label_fractions`
+of the training labels. `linear_eval.json` then holds those rows under "finetune" (with
+their "table"), and each is a float custom property `finetune_<fraction>_<name>_<top1|top5|
+val_top1>` (e.g. `finetune_0.1_byol_top1`). Fine-tuning is reported, never part of the
+blessing.
+
 Accuracies are fractions in [0, 1]; `blessing_margin=0.01` is one percentage point.
 """
 
@@ -150,7 +158,7 @@ class Executor(base_executor.BaseExecutor):
     """Runs `byol_tf.evaluation.evaluate` on the Examples artifact and writes metrics + blessing."""
 
     def Do(self, input_dict: dict[str, list[types.Artifact]], output_dict, exec_properties: dict[str, Any]):
-        from byol_tf import config as config_lib, evaluation
+        from byol_tf import config as config_lib, evaluation, finetune
 
         config = config_lib.from_json(exec_properties["config"])
         margin = float(exec_properties["blessing_margin"])
@@ -168,8 +176,12 @@ class Executor(base_executor.BaseExecutor):
             examples_io.image_dataset(examples_io.split_file_patterns(examples, split))
             for split in (train_split, eval_split)
         )
+        encoder = load_encoder(model)
         # Baselines always: the blessing rule needs the random-init row.
-        report = evaluation.evaluate(load_encoder(model), config, baselines=True, datasets=datasets, progress=False)
+        report = evaluation.evaluate(encoder, config, baselines=True, datasets=datasets, progress=False)
+        finetuned = None
+        if config.evaluation.finetune_in_pipeline:
+            finetuned = finetune.evaluate(encoder, config, baselines=True, datasets=datasets, progress=False)
 
         rows = report.rows
         baseline_blessing = baseline_blessings[0] if baseline_blessings else None
@@ -185,6 +197,8 @@ class Executor(base_executor.BaseExecutor):
 
         document = report.to_dict()
         document["table"] = report.format_table()
+        if finetuned is not None:
+            document["finetune"] = {**finetuned.to_dict(), "table": finetuned.format_table()}
         document["blessing"] = {
             "blessed": decision.blessed,
             "message": decision.message,
@@ -201,6 +215,9 @@ class Executor(base_executor.BaseExecutor):
             metrics.set_float_custom_property(f"{name}_val_top1", float(row["val_top1"]))
             metrics.set_float_custom_property(f"{name}_top1", float(row["top1"]))
             metrics.set_float_custom_property(f"{name}_top5", float(row["top5"]))
+        if finetuned is not None:
+            for key, value in finetuned.metric_values().items():
+                metrics.set_float_custom_property(key, value)
         metrics.set_int_custom_property(BLESSED_KEY, int(decision.blessed))
 
         io_utils.write_string_file(os.path.join(blessing.uri, METRICS_FILE), text)

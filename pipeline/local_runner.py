@@ -80,10 +80,12 @@ class RunSummary:
     embeddings: str | None = None
 
     def format(self) -> str:
-        """The lines the runner prints: the linear-eval table and where the encoder went."""
+        """The lines the runner prints: the linear-eval (and fine-tuning) tables and where the encoder went."""
         lines = []
         if self.linear_eval:
             lines.append(self.linear_eval["table"])
+            if "finetune" in self.linear_eval:
+                lines.append(self.linear_eval["finetune"]["table"])
         lines.append(f"LinearEval: {self.blessing_message}")
         if self.serving_check:
             lines.append(f"ServingCheck: {self.serving_check}")

@@ -145,6 +145,17 @@ def test_configs_are_frozen():
         ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
         ({"evaluation": {"projector_images": -1}}, r"^evaluation\.projector_images: -1 is outside the allowed range \[0, 10000\]"),
         ({"evaluation": {"projector_images": 10_001}}, r"^evaluation\.projector_images: 10001 is outside"),
+        ({"evaluation": {"finetune_label_fractions": []}}, r"^evaluation\.finetune_label_fractions: must hold at least"),
+        (
+            {"evaluation": {"finetune_label_fractions": [0.1, 1.5]}},
+            r"^evaluation\.finetune_label_fractions: 1\.5 is outside the allowed range \(0\.0, 1\.0\]$",
+        ),
+        ({"evaluation": {"finetune_label_fractions": [0.0]}}, r"^evaluation\.finetune_label_fractions: 0\.0 is outside"),
+        ({"evaluation": {"finetune_label_fractions": [0.1, 0.1]}}, r"^evaluation\.finetune_label_fractions: repeats 0\.1$"),
+        ({"evaluation": {"finetune_learning_rates": [0.1, -1]}}, r"^evaluation\.finetune_learning_rates: -1\.0 is outside"),
+        ({"evaluation": {"finetune_epochs": 0}}, r"^evaluation\.finetune_epochs: 0 is outside the allowed range"),
+        ({"evaluation": {"finetune_batch_size": 0}}, r"^evaluation\.finetune_batch_size: 0 is outside"),
+        ({"evaluation": {"finetune_in_pipeline": "yes"}}, r"^evaluation\.finetune_in_pipeline: expected true or false"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):

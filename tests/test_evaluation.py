@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fixtures import synthetic
 
 from byol_tf import augment, evaluation
 from fixtures import images as fx
@@ -322,9 +323,9 @@ def test_knn_uses_cosine_not_euclidean_distance():
 
 
 def test_knn_of_separating_encoder_beats_random_init():
-    images, labels = fx.quadrant_images(240)
+    images, labels = synthetic.quadrant_images(240)
     accuracies = {}
-    for name, encoder in (("trained", models.quadrant_encoder()), ("random", _tiny_convnet(seed=1))):
+    for name, encoder in (("trained", synthetic.quadrant_encoder()), ("random", _tiny_convnet(seed=1))):
         features = evaluation.extract_features(encoder, images, 16, batch_size=64, progress=False)
         accuracies[name] = evaluation.knn_accuracy(features[:160], labels[:160], features[160:], labels[160:], 4)
     assert accuracies["trained"] >= 0.95
@@ -377,9 +378,9 @@ ROW_KEYS = {
 
 
 def test_evaluate_reports_three_rows_and_serialises():
-    images, labels = fx.quadrant_images(200)
+    images, labels = synthetic.quadrant_images(200)
     arrays = (images[:140], labels[:140], images[140:], labels[140:])
-    report = evaluation.evaluate(models.quadrant_encoder(), _toy_config(), arrays=arrays, progress=False)
+    report = evaluation.evaluate(synthetic.quadrant_encoder(), _toy_config(), arrays=arrays, progress=False)
     assert report.protocol == "transfer"
     assert list(report.rows) == ["byol", "random_init", "raw_pixels"]
     _, validation = evaluation.validation_split(labels[:140], 0.1, seed=0)
@@ -408,10 +409,10 @@ def test_evaluate_reports_three_rows_and_serialises():
 
 
 def test_transfer_protocol_reads_datasets_as_it_reads_arrays():
-    images, labels = fx.quadrant_images(120)
+    images, labels = synthetic.quadrant_images(120)
     arrays = (images[:80], labels[:80], images[80:], labels[80:])
     config = _toy_config(l2_sweep=(0.0, 1e-2), linear_epochs=3)
-    from_arrays = evaluation.evaluate(models.quadrant_encoder(), config, arrays=arrays, baselines=False, progress=False)
+    from_arrays = evaluation.evaluate(synthetic.quadrant_encoder(), config, arrays=arrays, baselines=False, progress=False)
 
     def dataset(images, labels):
         # Each element made when read, from its index.
@@ -421,32 +422,32 @@ def test_transfer_protocol_reads_datasets_as_it_reads_arrays():
         )
 
     datasets = (dataset(images[:80], labels[:80]), dataset(images[80:], labels[80:]))
-    from_datasets = evaluation.evaluate(models.quadrant_encoder(), config, datasets=datasets, baselines=False, progress=False)
+    from_datasets = evaluation.evaluate(synthetic.quadrant_encoder(), config, datasets=datasets, baselines=False, progress=False)
     for report in (from_arrays, from_datasets):
         report.rows["byol"].pop("seconds")
     assert from_arrays.rows == from_datasets.rows
     with pytest.raises(ValueError, match="datasets or arrays, not both"):
-        evaluation.evaluate(models.quadrant_encoder(), config, datasets=datasets, arrays=arrays, progress=False)
+        evaluation.evaluate(synthetic.quadrant_encoder(), config, datasets=datasets, arrays=arrays, progress=False)
 
 
 def test_evaluate_without_baselines_and_the_random_init_is_reseeded():
-    images, labels = fx.quadrant_images(120)
+    images, labels = synthetic.quadrant_images(120)
     arrays = (images[:80], labels[:80], images[80:], labels[80:])
-    report = evaluation.evaluate(models.quadrant_encoder(), _toy_config(), arrays=arrays, baselines=False, progress=False)
+    report = evaluation.evaluate(synthetic.quadrant_encoder(), _toy_config(), arrays=arrays, baselines=False, progress=False)
     assert list(report.rows) == ["byol"]
     config = _toy_config(l2_sweep=(0.0,), linear_epochs=1)
-    first = evaluation.evaluate(models.quadrant_encoder(), config, arrays=arrays, seed=3, progress=False)
-    again = evaluation.evaluate(models.quadrant_encoder(), config, arrays=arrays, seed=3, progress=False)
+    first = evaluation.evaluate(synthetic.quadrant_encoder(), config, arrays=arrays, seed=3, progress=False)
+    again = evaluation.evaluate(synthetic.quadrant_encoder(), config, arrays=arrays, seed=3, progress=False)
     assert first.rows["random_init"]["top1"] == again.rows["random_init"]["top1"]
     assert first.rows["random_init"]["knn_top1"] == again.rows["random_init"]["knn_top1"]
 
 
 @pytest.mark.parametrize("protocol", ["transfer", "imagenet"])
 def test_evaluate_rejects_unlabelled_data(protocol):
-    images, labels = fx.quadrant_images(40)
+    images, labels = synthetic.quadrant_images(40)
     arrays = (images[:20], labels[:20], images[20:], -np.ones(20, np.int64))
     with pytest.raises(evaluation.NoLabelsError, match="'test' split has unlabelled"):
-        evaluation.evaluate(models.quadrant_encoder(), _toy_config(protocol=protocol), arrays=arrays, progress=False)
+        evaluation.evaluate(synthetic.quadrant_encoder(), _toy_config(protocol=protocol), arrays=arrays, progress=False)
 
 
 # ------------------------------------------------------------------ imagenet protocol
@@ -527,15 +528,8 @@ def test_imagenet_learning_rate_is_chosen_on_validation_not_test(monkeypatch):
     Validation (carved from train) must pick 0.3 although the test set would pick 0.1.
     """
 
-    def images_of(labels, signal):
-        images = np.full((len(labels), 16, 16, 3), 60, np.uint8)
-        bright = labels[:, None, None] == 1
-        images[..., signal] = np.where(bright, 200, 60)
-        images[..., 1 - signal] = np.where(bright, 60, 200)  # the other channel says the opposite
-        return images
-
     train_labels, test_labels = np.tile([0, 1], 20), np.tile([0, 1], 5)
-    arrays = (images_of(train_labels, 0), train_labels, images_of(test_labels, 1), test_labels)
+    arrays = (synthetic.channel_images(train_labels, 0), train_labels, synthetic.channel_images(test_labels, 1), test_labels)
 
     def reader(channel):
         # Class 1 when the channel's mean is above 0.5.

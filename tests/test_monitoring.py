@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fixtures import images as fx
-from fixtures import models
+from fixtures import synthetic
 
 from byol_tf import augment, data, monitoring
 from byol_tf import config as config_lib
@@ -31,11 +31,11 @@ class WithEncoder(keras.Model):
 
 
 def test_knn_monitor_logs_every_n_epochs_before_tensorboard(tmp_path):
-    images, labels = fx.quadrant_images(80)
+    images, labels = synthetic.quadrant_images(80)
     monitor = monitoring.KNNMonitor(
         images[:60], labels[:60], images[60:], labels[60:], image_size=16, every_epochs=2, k=5
     )
-    model = WithEncoder(models.quadrant_encoder())
+    model = WithEncoder(synthetic.quadrant_encoder())
     model.compile(optimizer="sgd", loss="mse")
     inputs = augment.center_crop_resize(images, 16).numpy()
     history = model.fit(
@@ -155,9 +155,9 @@ def test_collapse_guard_warns_below_a_tenth_of_one_over_sqrt_dim(value, warned, 
 def test_projector_logger_writes_the_trained_encoders_features_at_the_end(tmp_path):
     from byol_tf import embedding_projector, evaluation
 
-    images, labels = quadrant_images(20)
+    images, labels = synthetic.quadrant_images(20)
     logger = monitoring.ProjectorLogger(images[:9], labels[:9], str(tmp_path / "logs"), image_size=16)
-    model = WithEncoder(quadrant_encoder())
+    model = WithEncoder(synthetic.quadrant_encoder())
     model.compile(optimizer="sgd", loss="mse")
     inputs = augment.center_crop_resize(images, 16).numpy()
     model.fit(inputs, np.zeros((20, 1)), epochs=1, verbose=0, callbacks=[logger])

@@ -173,26 +173,26 @@ def test_a_foreign_blessing_without_validation_top1_is_refused(tmp_path):
         linear_eval.baseline_val_top1_of(blessing)
 
 
-@pytest.mark.parametrize("val_top1, test_top1, blessed", [(0.9, 0.1, True), (0.1, 0.9, False)])
-def test_validation_decides_the_blessing_never_test(tmp_path, monkeypatch, val_top1, test_top1, blessed):
+def fake_linear_report(byol_val_top1, byol_top1):
+    """What `evaluation.evaluate` returns, with random init at 0.5 on validation and test."""
     from byol_tf import evaluation
 
-    def fake_evaluate(encoder, config, **kwargs):
-        rows = {
-            name: {
-                "top1": test_top1 if name == "byol" else 0.5,
-                "top5": 1.0,
-                "val_top1": val_top1 if name == "byol" else 0.5,
-                "l2": 0.0,
-                "learning_rate": 0.1,
-                "feature_dim": 8,
-            }
-            for name in ("byol", "random_init")
+    rows = {
+        name: {
+            "top1": byol_top1 if name == "byol" else 0.5,
+            "top5": 1.0,
+            "val_top1": byol_val_top1 if name == "byol" else 0.5,
+            "l2": 0.0,
+            "learning_rate": 0.1,
+            "feature_dim": 8,
         }
-        return evaluation.EvaluationReport(rows=rows, num_classes=3, num_train=24, num_test=12, protocol="transfer")
+        for name in ("byol", "random_init")
+    }
+    return evaluation.EvaluationReport(rows=rows, num_classes=3, num_train=24, num_test=12, protocol="transfer")
 
-    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    config = smoke_config()
+
+def run_linear_eval(tmp_path, config):
+    """LinearEval's executor on tiny examples and a random-init model; returns (metrics, blessing)."""
     metrics = output(linear_eval.LinearEvalMetrics, str(tmp_path / "metrics"))
     blessing = output(standard_artifacts.ModelBlessing, str(tmp_path / "blessing"))
     linear_eval.Executor().Do(
@@ -200,8 +200,58 @@ def test_validation_decides_the_blessing_never_test(tmp_path, monkeypatch, val_t
         {"evaluation": [metrics], "blessing": [blessing]},
         {"config": config_lib.to_json(config), "blessing_margin": 0.01},
     )
+    return metrics, blessing
+
+
+@pytest.mark.parametrize("val_top1, test_top1, blessed", [(0.9, 0.1, True), (0.1, 0.9, False)])
+def test_validation_decides_the_blessing_never_test(tmp_path, monkeypatch, val_top1, test_top1, blessed):
+    from byol_tf import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda encoder, config, **kwargs: fake_linear_report(val_top1, test_top1))
+    _, blessing = run_linear_eval(tmp_path, smoke_config())
     assert blessing.get_int_custom_property("blessed") == int(blessed)
     assert blessing.get_float_custom_property(linear_eval.BYOL_VAL_TOP1_KEY) == val_top1
+
+
+@pytest.mark.parametrize("in_pipeline", [False, True])
+def test_fine_tuning_rows_join_the_metrics_only_when_asked_and_never_bless(tmp_path, monkeypatch, in_pipeline):
+    from byol_tf import evaluation, finetune
+
+    seen = {}
+
+    def fake_evaluate(encoder, config, **kwargs):
+        seen["linear"] = kwargs["datasets"]
+        return fake_linear_report(0.9, 0.5)
+
+    def fake_finetune(encoder, config, **kwargs):
+        seen["finetune"] = kwargs["datasets"]
+        row = {"top1": 0.2, "top5": 1.0, "val_top1": 0.1, "learning_rate": 0.1, "sweep": {0.1: 0.1}, "epochs": 1,
+               "batch_size": 4, "label_fraction": 0.5, "num_labelled": 4, "num_validation": 3, "num_test": 12}
+        return finetune.FinetuneReport(
+            rows={0.5: {"byol": row, "random_init": dict(row, top1=0.6)}},
+            num_classes=3, num_train=24, num_validation=3, num_test=12,
+        )
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(finetune, "evaluate", fake_finetune)
+    metrics, blessing = run_linear_eval(tmp_path, smoke_config(finetune_in_pipeline=in_pipeline))
+    with open(os.path.join(metrics.uri, linear_eval.METRICS_FILE)) as stream:
+        document = json.load(stream)
+    # The blessing is the linear protocol's, whatever fine-tuning says (random init wins there).
+    assert blessing.get_int_custom_property("blessed") == 1
+    assert ("finetune" in seen) == ("finetune" in document) == metrics.has_custom_property(
+        "finetune_0.5_byol_top1") == in_pipeline
+    if in_pipeline:
+        assert seen["finetune"] is seen["linear"]  # the same streamed splits
+        assert document["finetune"]["rows"]["0.5"]["random_init"]["top1"] == 0.6
+        assert metrics.get_float_custom_property("finetune_0.5_random_init_top1") == 0.6
+        assert metrics.get_float_custom_property("finetune_0.5_byol_val_top1") == 0.1
+        summary = local_runner.RunSummary(
+            run_id="r1", states={}, linear_eval=document, blessed=True, blessing_message="blessed",
+            pushed_to=None, latest_pushed=None,
+        )
+        lines = summary.format().splitlines()
+        assert lines[0].startswith("linear evaluation") and any(line.startswith("fine-tuning") for line in lines)
 
 
 # ------------------------------------------------------------------ runner
