@@ -122,6 +122,32 @@ def precision_policy(config: DistributeConfig, jit_compile: bool = False) -> str
     return "float32"
 
 
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (Linux `/proc/cpuinfo`; empty elsewhere).
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo (tests pass their own); read from the file when None.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as stream:  # a local system file, not data
+                cpuinfo = stream.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_bfloat16_units(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16); elsewhere
+    oneDNN emulates it, slower than float32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
     """(major, minor) compute capability of each visible GPU; [] without GPUs."""
     found = []

@@ -407,3 +407,20 @@ def test_two_workers_with_global_batches_match_two_replicas_on_one_machine(tmp_p
     for name in mirrored.files:
         np.testing.assert_allclose(worker0[name], worker1[name], atol=1e-6, rtol=0, err_msg=name)
         np.testing.assert_allclose(worker0[name], mirrored[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("fpu sse sse2 avx avx2 fma", False),  # AVX2 only: bfloat16 would be emulated
+        ("fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),
+        ("fpu avx2 avx512f amx_bf16 amx_tile amx_int8", True),
+        ("fpu avx2 avx512f avx512_vnni", False),
+    ],
+)
+def test_bfloat16_units_are_read_from_the_cpu_flags(flags, expected):
+    cpuinfo = f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    parsed = distribute.cpu_flags(cpuinfo)
+    assert parsed == frozenset(flags.split())
+    assert distribute.cpu_has_bfloat16_units(parsed) is expected
+    assert distribute.cpu_flags("no flags here") == frozenset()
