@@ -76,15 +76,21 @@ def steps_per_epoch(config: config_lib.Config, num_examples: int) -> int:
     return steps
 
 
-def build_optimizer(config: config_lib.Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Optimizer with warm-up + cosine learning rate scaled by the global batch (base x B/256)."""
+def learning_rate_schedule(config: config_lib.Config, steps_per_epoch: int) -> schedules.WarmupCosine:
+    """The optimizer's learning rate by step: warm-up, then cosine to 0, peak base x global batch / 256."""
     opt = config.optimizer
     total_steps = config.train.epochs * steps_per_epoch
-    schedule = schedules.WarmupCosine(
+    return schedules.WarmupCosine(
         peak_learning_rate=schedules.scaled_learning_rate(opt.base_learning_rate, config.data.batch_size),
         warmup_steps=min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps),
         total_steps=total_steps,
     )
+
+
+def build_optimizer(config: config_lib.Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Optimizer with `learning_rate_schedule`'s learning rate."""
+    opt = config.optimizer
+    schedule = learning_rate_schedule(config, steps_per_epoch)
     if opt.name == "lars":
         return LARS(
             learning_rate=schedule,

@@ -246,6 +246,86 @@ def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
     assert entry["config"]["heads"] == [32, 16, 32]
 
 
+# ------------------------------------------------------------ quality versus the peer
+
+
+def test_quality_peer_exports_one_recipe_for_both_sides(tmp_path):
+    """The lightly side reads the split, the config and byol-tf's schedules from these files."""
+    import numpy as np
+
+    from benchmarks import quality_peer
+    from byol_tf import augment, data
+    from byol_tf import config as config_lib
+
+    args = quality_peer.parser().parse_args(
+        ["--epochs", "4", "--set", "data.max_examples=144", "--set", "data.holdout_examples=40",
+         "--set", "data.batch_size=16"]
+    )
+    args.work_dir = str(tmp_path)
+    config = quality_peer.load_config(args)
+    assert not config.train.online_probe and config.evaluation.knn_every_epochs == 0
+    assert config.train.keep_checkpoints == 0
+    arrays = quality_peer.export(config, str(tmp_path))
+
+    settings = json.loads((tmp_path / quality_peer.CONFIG_FILE).read_text())
+    assert config_lib.from_dict(settings["config"]) == config
+    assert settings["blur_kernel"] == 3  # augment.py: kernel = 28 / 10, made odd
+    assert settings["steps_per_epoch"] == arrays["steps_per_epoch"] == 104 // 16
+
+    train_images, train_labels = data.load_arrays(config.data, "train")
+    np.testing.assert_array_equal(np.load(tmp_path / quality_peer.PRETRAIN_IMAGES), train_images)
+    np.testing.assert_array_equal(arrays["train_labels"], train_labels)
+    crops = np.load(tmp_path / quality_peer.CROPS["test"])
+    np.testing.assert_array_equal(crops, augment.center_crop_resize(arrays["test_images"], 28).numpy())
+    assert crops.shape == (40, 28, 28, 3) and crops.dtype == np.float32
+
+    schedules = np.load(tmp_path / quality_peer.SCHEDULES_FILE)
+    learning_rate, tau = schedules["learning_rate"], schedules["tau"]
+    total, warmup = 4 * 6, 2 * 6  # the preset's 2 warm-up epochs
+    peak = 4.0 * 16 / 256  # base x batch / 256
+    assert len(learning_rate) == len(tau) == arrays["total_steps"] == total
+    np.testing.assert_allclose(learning_rate[: warmup + 1], peak * np.arange(warmup + 1) / warmup, rtol=1e-6)
+    cosine = peak * 0.5 * (1 + np.cos(np.pi * np.arange(total - warmup) / (total - warmup)))
+    np.testing.assert_allclose(learning_rate[warmup:], cosine, rtol=1e-5)
+    assert tau[0] == pytest.approx(0.95) and np.all(np.diff(tau) > 0) and tau[-1] < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
+)
+def test_quality_peer_smoke_scores_both_encoders_with_byol_tf(capsys, tmp_path):
+    from benchmarks import quality_peer
+
+    records = _run_main(quality_peer, [], capsys, tmp_path)
+    assert [r["benchmark"] for r in records] == ["quality_peer", "quality_peer", "quality_peer_gap"]
+    sides = {r["config"]["library"]: r for r in records[:2]}
+    assert set(sides) == {"byol-tf", "lightly"}
+    gap = records[2]
+    for entry in records:
+        for field in FIELDS:
+            assert field in entry
+        assert entry["config"]["smoke"] is True and entry["config"]["heads"] == list(common.SMOKE_HEADS)
+    # The same work on both sides, and the same protocol scoring it.
+    settings = [{k: v for k, v in entry["config"].items() if k != "library"} for entry in sides.values()]
+    assert settings[0] == settings[1] == gap["config"]
+    for library, entry in sides.items():
+        assert entry["unit"] == "% top-1" and 0 <= entry["value"] <= 100
+        assert entry["value"] == pytest.approx(100 * entry["top1"], abs=1e-3)
+        for score in ("top1", "val_top1", "knn_top1"):
+            assert 0 <= entry[score] <= 1
+        assert entry["steps"] == entry["config"]["epochs"] * entry["config"]["steps_per_epoch"] == 3
+        assert entry["num_test"] == entry["config"]["num_test"] == 40
+        assert entry["num_train"] == entry["config"]["num_pretrain"] == 104
+        assert entry["feature_dim"] == 256
+        assert set(entry["sweep"]) == {"0.0", "0.001"} and entry["val_top1"] == max(entry["sweep"].values())
+        assert math.isfinite(entry["final_loss"]) and entry["train_s"] > 0
+    assert sides["lightly"]["versions"]["lightly"] and sides["byol-tf"]["versions"]["tensorflow"]
+    assert gap["unit"] == "points" and gap["acceptance"] == -0.5
+    assert gap["value"] == pytest.approx(sides["byol-tf"]["value"] - sides["lightly"]["value"], abs=1e-3)
+    assert gap["met"] == (gap["value"] >= -0.5)
+
+
 # -------------------------------------------------------------------------- report
 
 
