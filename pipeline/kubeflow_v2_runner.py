@@ -14,8 +14,8 @@ installed (see the repository's Dockerfile). Build and push it, compile, then su
 The same `create_pipeline` as the local runner is compiled; Vertex keeps ML Metadata
 itself. The blessing margin and the ingestion's maximum bad-record fraction are runtime
 parameters (set them at submission, e.g. `parameter_values={"blessing_margin": 0.02}`).
-The Beam-based component (StatisticsGen) takes `beam_pipeline_args`, e.g.
-`dataflow_beam_args(...)` to run it on Dataflow.
+The Beam-based components (ImageExampleGen, StatisticsGen) take `beam_pipeline_args`, e.g.
+`dataflow_beam_args(...)` to run them on Dataflow.
 
 Nothing here needs Google Cloud credentials: compiling only writes a file.
 """
@@ -65,7 +65,7 @@ def compile_pipeline(
     push_destination: str | None = None,
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     blessing_margin: float | None = None,
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float | None = None,
     source_fingerprint: str | None = None,
 ) -> str:
     """Writes the Vertex / Kubeflow v2 pipeline job JSON for a config.
@@ -79,10 +79,11 @@ def compile_pipeline(
         push_destination: base folder of pushed encoders; default `<pipeline_root>/serving_model`.
         beam_pipeline_args: for the Beam-based components (e.g. `dataflow_beam_args`).
         blessing_margin: default of the `blessing_margin` runtime parameter.
-        max_bad_fraction: default of the `max_bad_fraction` runtime parameter.
-        source_fingerprint: `byol_tfx.components.ingestion.source_fingerprint` of a folder /
-            TFRecord source, when the compiling machine can list it: a new value (new
-            files) makes ImageExampleGen a cache miss on Vertex too.
+        max_bad_fraction: default of the `max_bad_fraction` runtime parameter; None:
+            `config.data.max_bad_fraction`.
+        source_fingerprint: `byol_tf.sources.fingerprint` of a folder / TFRecord source,
+            when the compiling machine can list it: a new value (new files) makes
+            ImageExampleGen a cache miss on Vertex too.
 
     Returns:
         `output_file`.
@@ -93,6 +94,7 @@ def compile_pipeline(
 
     name = pipeline_name
     margin = pipeline_lib.DEFAULT_BLESSING_MARGIN if blessing_margin is None else blessing_margin
+    max_bad_fraction = config.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
     tfx_pipeline = pipeline_lib.create_pipeline(
         pipeline_name=name,
         pipeline_root=pipeline_root,

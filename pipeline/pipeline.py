@@ -4,7 +4,8 @@
 runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
 orchestrator. Components are thin adapters over `byol_tf`:
 
-    ImageExampleGen   -> examples (splits train, eval), ingestion report
+    ImageExampleGen   -> examples (splits train, eval; full-resolution images), ingestion
+                      report (Beam: one process, several, or Dataflow)
     StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
                       -> validated_schema, only when the examples have no anomaly
     Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
@@ -52,7 +53,7 @@ def create_pipeline(
     push_destination: str | None = None,
     blessing_margin=DEFAULT_BLESSING_MARGIN,
     enable_cache: bool = True,
-    max_bad_fraction=0.01,
+    max_bad_fraction=None,
     source_fingerprint: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline (nothing runs, nothing is written).
@@ -72,10 +73,10 @@ def create_pipeline(
             encoder (fraction; 0.01 = one point); a float or a RuntimeParameter.
         enable_cache: reuse executions whose inputs and parameters are unchanged.
         max_bad_fraction: ImageExampleGen fails when more records than this are bad;
-            a float or a RuntimeParameter.
+            a float or a RuntimeParameter; None: `config.data.max_bad_fraction`.
         source_fingerprint: a hash of a folder / TFRecord source's files
-            (`byol_tfx.components.ingestion.source_fingerprint`, computed by the runner): part of
-            ImageExampleGen's cache key, so changed files are read again.
+            (`byol_tf.sources.fingerprint`, computed by the runner): part of ImageExampleGen's
+            cache key, so changed files are read again.
 
     Returns:
         A `tfx.dsl.Pipeline`.
@@ -95,8 +96,8 @@ def create_pipeline(
 
     example_gen = example_gen_lib.ImageExampleGen(
         config=config_lib.to_json(config, example_gen_lib.CONFIG_SECTIONS),
-        max_bad_fraction=max_bad_fraction,
-        **({"source_fingerprint": source_fingerprint} if source_fingerprint else {}),
+        max_bad_fraction=config.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
+        source_fingerprint=source_fingerprint or None,
     ).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
     validation = validation_lib.validation_components(

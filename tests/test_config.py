@@ -143,6 +143,10 @@ def test_configs_are_frozen():
         ({"evaluation": {"linear_crop_ratio": [0.0, 1.0]}}, r"^evaluation\.linear_crop_ratio: 0\.0 is outside"),
         ({"evaluation": {"linear_flip_prob": 2}}, r"^evaluation\.linear_flip_prob: 2\.0 is outside"),
         ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
+        ({"data": {"max_bad_fraction": 1.5}}, r"^data\.max_bad_fraction: 1\.5 is outside the allowed range \[0\.0, 1\.0\]"),
+        ({"data": {"max_image_side": 4}}, r"^data\.max_image_side: 4 is outside"),
+        ({"data": {"image_key": "image/encoded"}}, r"^data\.image_key: is only read by source 'tfrecord', not 'mnist5k'"),
+        ({"data": {"source": "tfrecord", "path": "x", "label_key": ""}}, r"^data\.label_key: must not be empty"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):

@@ -78,39 +78,52 @@ def smoke_config(**evaluation):
     return config_lib.from_dict(raw)
 
 
+def images_of(file_patterns):
+    return list(examples_io.image_dataset(file_patterns).as_numpy_iterator())
+
+
 def test_split_summary_counts_classes_and_fixed_size(tmp_path):
     examples = write_examples(str(tmp_path), train=7, eval_=5)
     summary = examples_io.summarize_split(examples_io.split_file_patterns(examples, "train"))
     assert (summary.num_examples, summary.num_classes, summary.image_shape) == (7, CLASSES, (fx.SIDE, fx.SIDE, 3))
-    images, labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
-    assert images.shape == (5, fx.SIDE, fx.SIDE, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.arange(5) % CLASSES)
+    read = images_of(examples_io.split_file_patterns(examples, "eval"))
+    assert [e["image"].shape for e in read] == [(fx.SIDE, fx.SIDE, 3)] * 5 and read[0]["image"].dtype == np.uint8
+    np.testing.assert_array_equal([e["label"] for e in read], np.arange(5) % CLASSES)
 
 
-def test_mixed_sizes_leave_the_shape_open(tmp_path):
+def test_mixed_sizes_leave_the_shape_open_and_train_through_per_image_crops(tmp_path):
     path = str(tmp_path / "Split-train" / "a.gz")
-    fx.write_tfrecord(
-        path,
-        [fx.tf_example(fx.png(0), 0, fx.SIDE, fx.SIDE), fx.tf_example(fx.png(1, (9, 9, 3)), 1, 9, 9)],
-        gzip=True,
-    )
-    summary = examples_io.summarize_split([str(tmp_path / "Split-train" / "*")])
-    assert summary.image_shape is None and summary.num_examples == 2
-    with pytest.raises(ValueError, match="differ in shape"):
-        examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
+    shapes = [(fx.SIDE, fx.SIDE), (9, 9), (30, 40), (41, 7)]
+    fx.write_tfrecord(path, [fx.tf_example(fx.png(i, (*shape, 3)), i % 3, *shape) for i, shape in enumerate(shapes)], gzip=True)
+    patterns = [str(tmp_path / "Split-train" / "*")]
+    summary = examples_io.summarize_split(patterns)
+    assert summary.image_shape is None and summary.num_examples == 4
+    assert [e["image"].shape[:2] for e in images_of(patterns)] == shapes
+    from byol_tfx.components import trainer_module
+
+    config = config_lib.load(SMOKE, ["data.batch_size=2"])
+    batch = next(iter(trainer_module.training_dataset(config, patterns, summary.image_shape)))
+    assert batch["view1"].shape == (2, 28, 28, 3) and batch["view2"].shape == (2, 28, 28, 3)
 
 
-def test_uncompressed_records_are_read_too(tmp_path):
+def test_uncompressed_records_and_the_common_feature_names_are_read_too(tmp_path):
     path = str(tmp_path / "Split-train" / "data.gz")  # named .gz, but plain TFRecords
-    fx.write_tfrecord(path, [fx.tf_example(fx.png(i), i, fx.SIDE, fx.SIDE) for i in range(4)], gzip=False)
-    images, labels = examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
-    assert images.shape == (4, fx.SIDE, fx.SIDE, 3)
-    np.testing.assert_array_equal(labels, np.arange(4))
+    records = [
+        fx.tf_example(fx.png(i), i, image_key="image/encoded", label_key="image/class/label") for i in range(4)
+    ]
+    fx.write_tfrecord(path, records, gzip=False)
+    read = images_of([str(tmp_path / "Split-train" / "*")])
+    assert [e["image"].shape for e in read] == [(fx.SIDE, fx.SIDE, 3)] * 4
+    np.testing.assert_array_equal([e["label"] for e in read], np.arange(4))
+    assert examples_io.summarize_split([str(tmp_path / "Split-train" / "*")]).num_classes == 4
 
 
 def test_no_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no TFRecord file matches"):
         examples_io.summarize_split([str(tmp_path / "nothing" / "*")])
+    fx.write_tfrecord(str(tmp_path / "odd" / "a.gz"), [fx.tf_example(fx.png(0), 1, image_key="pixels")], gzip=True)
+    with pytest.raises(ValueError, match=r"data.image_key: .*no image feature .*its features: label, pixels"):
+        examples_io.image_dataset([str(tmp_path / "odd" / "*")])
 
 
 def model_artifact(root, config, artifact_id=11):
@@ -270,11 +283,13 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
         assert components[node].exec_properties["config"] == config_json, node
     for node in ("ImageExampleGen", "ImageSchemaGen"):
         data_json = components[node].exec_properties["config"]
-        assert set(json.loads(data_json)) == {"data", "augment"}, node
-        parsed = config_lib.from_json(data_json)
-        assert (parsed.data, parsed.augment) == (config.data, config.augment), node
+        assert set(json.loads(data_json)) == {"data"}, node
+        assert config_lib.from_json(data_json).data == config.data, node
+    # The ingestion gate defaults to the config's data.max_bad_fraction.
+    assert components["ImageExampleGen"].exec_properties["max_bad_fraction"] == config.data.max_bad_fraction
     retrained = pipeline_lib.create_pipeline(
-        "p", str(tmp_path / "root"), config_lib.load(SMOKE, ["train.seed=7", "optimizer.base_learning_rate=0.1"]),
+        "p", str(tmp_path / "root"),
+        config_lib.load(SMOKE, ["train.seed=7", "optimizer.base_learning_rate=0.1", "augment.image_size=32"]),
         push_destination="x",
     )
     for old, new in zip(pipeline.components, retrained.components):
