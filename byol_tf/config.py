@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -393,6 +394,56 @@ class EvaluationConfig:
         _check_range(f"{prefix}.knn_examples", self.knn_examples, 1, 10**7)
 
 
+# Vertex AI names machines and accelerators in upper case with underscores
+# (NVIDIA_TESLA_T4, NVIDIA_H100_80GB, TPU_V3); the service checks the exact names.
+_VERTEX_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_MACHINE_TYPE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VertexTrainingConfig:
+    """The pipeline's Trainer as a Vertex AI custom job (only when compiled for Vertex).
+
+    enabled: false (default) runs the Trainer inside the pipeline step's own container;
+    true makes the compiled Vertex pipeline start a custom job with these worker pools
+    (`byol-tf-pipeline run` and `byol-tf train` ignore the section). replica_count > 1
+    runs one chief and replica_count - 1 workers, each with `machine_type` and
+    `accelerator_count` x `accelerator_type`, training together under
+    `distribute.strategy: multi_worker` (Vertex sets TF_CONFIG on each). image: the
+    training container, default the pipeline's image. project: the GCP project the job
+    runs in; region: its Vertex AI region.
+    """
+
+    enabled: bool = False
+    project: str | None = None
+    region: str | None = None
+    machine_type: str = "n1-standard-8"
+    accelerator_type: str | None = None
+    accelerator_count: int = 0
+    replica_count: int = 1
+    image: str | None = None
+
+    def validate(self, prefix: str):
+        if not _MACHINE_TYPE.match(self.machine_type):
+            _fail(f"{prefix}.machine_type", f"{self.machine_type!r} is not a machine type name such as 'n1-standard-8'")
+        if self.accelerator_type is not None and not _VERTEX_NAME.match(self.accelerator_type):
+            _fail(
+                f"{prefix}.accelerator_type",
+                f"{self.accelerator_type!r} is not a Vertex accelerator name such as 'NVIDIA_TESLA_T4'",
+            )
+        _check_range(f"{prefix}.accelerator_count", self.accelerator_count, 0, 64)
+        if (self.accelerator_type is None) != (self.accelerator_count == 0):
+            _fail(
+                f"{prefix}.accelerator_count",
+                f"{self.accelerator_count} with accelerator_type {self.accelerator_type!r}: set both or neither",
+            )
+        _check_range(f"{prefix}.replica_count", self.replica_count, 1, 1000)
+        if self.enabled:
+            for name in ("project", "region"):
+                if not getattr(self, name):
+                    _fail(f"{prefix}.{name}", "is required when the Trainer runs on Vertex AI (enabled: true)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole BYOL experiment."""
@@ -404,10 +455,18 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    vertex_training: VertexTrainingConfig = dataclasses.field(default_factory=VertexTrainingConfig)
 
     def validate(self):
         for field in dataclasses.fields(self):
             getattr(self, field.name).validate(field.name)
+        vertex = self.vertex_training
+        if vertex.enabled and vertex.replica_count > 1 and self.distribute.strategy != "multi_worker":
+            _fail(
+                "vertex_training.replica_count",
+                f"{vertex.replica_count} replicas train together only with distribute.strategy: "
+                f"multi_worker, not {self.distribute.strategy!r}",
+            )
 
 
 def from_dict(raw: Mapping[str, Any] | None) -> Config:

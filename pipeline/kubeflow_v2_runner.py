@@ -15,7 +15,8 @@ The same `create_pipeline` as the local runner is compiled; Vertex keeps ML Meta
 itself. The blessing margin and the ingestion's maximum bad-record fraction are runtime
 parameters (set them at submission, e.g. `parameter_values={"blessing_margin": 0.02}`).
 The Beam-based components (ImageExampleGen, StatisticsGen) take `beam_pipeline_args`, e.g.
-`dataflow_beam_args(...)` to run them on Dataflow.
+`dataflow_beam_args(...)` to run them on Dataflow. With `vertex_training.enabled` in the
+config, the Trainer runs as a Vertex AI custom job with the config's worker pools.
 
 Nothing here needs Google Cloud credentials: compiling only writes a file.
 """
@@ -109,6 +110,7 @@ def compile_pipeline(
             name=MAX_BAD_FRACTION_PARAMETER, ptype=float, default=float(max_bad_fraction)
         ),
         source_fingerprint=source_fingerprint,
+        vertex_image=image,
     )
     output_dir, filename = os.path.split(os.path.abspath(output_file))
     os.makedirs(output_dir, exist_ok=True)

@@ -8,7 +8,8 @@ orchestrator. Components are thin adapters over `byol_tf`:
                       report (Beam: one process, several, or Dataflow)
     StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
                       -> validated_schema, only when the examples have no anomaly
-    Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
+    Trainer           examples + validated_schema -> model (run_fn: byol_tf.training); in the
+                      step's container, or as a Vertex AI custom job (`vertex_training`)
     ServingCheck      model -> infra blessing: loads in a fresh process, answers its warm-up
                       requests (byol_tf.serving)
     Resolver          ML Metadata -> the latest blessed model and its blessing
@@ -55,6 +56,7 @@ def create_pipeline(
     enable_cache: bool = True,
     max_bad_fraction=None,
     source_fingerprint: str | None = None,
+    vertex_image: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline (nothing runs, nothing is written).
 
@@ -77,6 +79,10 @@ def create_pipeline(
         source_fingerprint: a hash of a folder / TFRecord source's files
             (`byol_tf.sources.fingerprint`, computed by the runner): part of ImageExampleGen's
             cache key, so changed files are read again.
+        vertex_image: the container image of a Vertex AI pipeline; with
+            `config.vertex_training.enabled`, the Trainer then runs as a Vertex AI custom
+            job in it (or in `vertex_training.image`), with the config's worker pools. None
+            (local runs): the Trainer runs in its own step.
 
     Returns:
         A `tfx.dsl.Pipeline`.
@@ -104,13 +110,19 @@ def create_pipeline(
         examples, config_lib.to_json(config, validation_lib.CONFIG_SECTIONS)
     )
 
-    trainer = tfx.components.Trainer(
+    trainer_config = trainer_module.custom_config(config_json)
+    trainer_class = tfx.components.Trainer
+    if vertex_image and config.vertex_training.enabled:
+        # The same run_fn, started by TFX's Vertex Trainer as a custom job with worker pools.
+        trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer
+        trainer_config.update(trainer_module.vertex_custom_config(config.vertex_training, vertex_image))
+    trainer = trainer_class(
         run_fn=TRAINER_RUN_FN,
         examples=examples,
         # The gate's output exists only when ExampleValidator found no anomaly: the
         # Trainer (and everything after it) cannot run on data that failed validation.
         schema=validation["validation_gate"].outputs["validated_schema"],
-        custom_config=trainer_module.custom_config(config_json),
+        custom_config=trainer_config,
     ).with_id(TRAINER)
 
     # What InfraValidator does, without a model server: nothing is pushed that does not load

@@ -386,6 +386,57 @@ def test_compiled_vertex_pipeline_has_the_components_in_order_and_runtime_parame
     assert "tfx.InfraBlessing" in output_types["blessing"]["artifactType"]["instanceSchema"]
 
 
+VERTEX_TRAINING = [
+    "vertex_training.enabled=true", "vertex_training.project=my-project", "vertex_training.region=europe-west4",
+    "vertex_training.machine_type=n1-standard-16", "vertex_training.accelerator_type=NVIDIA_TESLA_T4",
+    "vertex_training.accelerator_count=2", "vertex_training.replica_count=3", "distribute.strategy=multi_worker",
+]
+
+
+def test_compiled_vertex_trainer_is_a_custom_job_with_the_configs_worker_pools(tmp_path):
+    image = "europe-docker.pkg.dev/my-project/byol/byol-tf:test"
+    config = config_lib.load(SMOKE, VERTEX_TRAINING)
+    path = kubeflow_v2_runner.compile_pipeline(
+        config, str(tmp_path / "byol.json"), "byol-tf-smoke", image=image, pipeline_root="gs://bucket/root"
+    )
+    with open(path) as stream:
+        spec = json.load(stream)["pipelineSpec"]
+    args = spec["deploymentSpec"]["executors"]["Trainer_executor"]["container"]["args"]
+    assert args[args.index("--executor_class_path") + 1] == (
+        "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+    )
+    parameters = spec["root"]["dag"]["tasks"]["Trainer"]["inputs"]["parameters"]
+    custom = json.loads(parameters["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert config_lib.from_json(custom["config"]) == config  # run_fn still gets the whole experiment
+    assert custom["ai_platform_enable_vertex"] is True and custom["ai_platform_vertex_region"] == "europe-west4"
+    job = custom["ai_platform_training_args"]
+    assert job["project"] == "my-project"
+    machine = {"machine_type": "n1-standard-16", "accelerator_type": "NVIDIA_TESLA_T4", "accelerator_count": 2}
+    # One chief, two workers: Vertex names them chief / worker in TF_CONFIG (byol_tf.distribute).
+    assert job["job_spec"]["worker_pool_specs"] == [
+        {"machine_spec": machine, "replica_count": 1, "container_spec": {"image_uri": image}},
+        {"machine_spec": machine, "replica_count": 2, "container_spec": {"image_uri": image}},
+    ]
+    assert parameters["run_fn"]["runtimeValue"]["constantValue"]["stringValue"] == pipeline_lib.TRAINER_RUN_FN
+
+    # Local runs are unaffected: the same config trains in the Trainer's own step.
+    local = pipeline_lib.create_pipeline("p", str(tmp_path / "root"), config, push_destination="x")
+    trainer = next(component for component in local.components if component.id == "Trainer")
+    assert type(trainer).__module__ == "tfx.components.trainer.component"
+    assert "ai_platform_training_args" not in json.loads(trainer.exec_properties["custom_config"])
+
+
+def test_vertex_training_settings_are_validated():
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.project: is required"):
+        config_lib.load(SMOKE, ["vertex_training.enabled=true", "vertex_training.region=us-central1"])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.replica_count: 3 replicas .*multi_worker"):
+        config_lib.load(SMOKE, VERTEX_TRAINING[:-1])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.accelerator_count"):
+        config_lib.load(SMOKE, ["vertex_training.accelerator_type=NVIDIA_TESLA_T4"])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.accelerator_type: 'nvidia-t4'"):
+        config_lib.load(SMOKE, ["vertex_training.accelerator_type=nvidia-t4", "vertex_training.accelerator_count=1"])
+
+
 # ------------------------------------------------------------------ end to end
 
 
