@@ -34,7 +34,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

@@ -46,7 +46,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, channel, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
-from byol_tf import checks, fileio, sources
+from byol_tf import fileio, sources
 from byol_tfx.components import ingestion, ingestion_beam
 
 logger = logging.getLogger(__name__)

@@ -2,14 +2,12 @@
 Beam ImageExampleGen (components/example_gen.py, components/ingestion_beam.py)."""
 
 import io
-import json
 import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "0"  # tfx.v1 would hand Keras 2 to child processes
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from fixtures import images as fx
 from PIL import Image
 
@@ -131,32 +129,9 @@ def test_report_counts_and_the_bad_fraction_gate():
 
 # ------------------------------------------------------------------ the Beam component
 
-from tfx.dsl.components.base import base_beam_executor  # noqa: E402 -- after the pure tests, for reading order
-from tfx.types import standard_artifacts  # noqa: E402
+from fixtures.example_gen import read_report, run_example_gen  # noqa: E402 -- the component's tests
 
 from byol_tfx.components import example_gen  # noqa: E402
-
-IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
-
-
-def run_example_gen(tmp_path, beam_args=IN_MEMORY, parameters=None, **data):
-    """Runs ImageExampleGen's executor on fresh output artifacts, as TFX does."""
-    examples = standard_artifacts.Examples()
-    examples.uri = str(tmp_path / "examples")
-    report = example_gen.IngestionReport()
-    report.uri = str(tmp_path / "report")
-    os.makedirs(report.uri, exist_ok=True)
-    context = base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=list(beam_args), tmp_dir=str(tmp_path / "tmp"), unique_id="1"
-    )
-    properties = {"config": fx.config_json(**data), **(parameters or {})}
-    example_gen.Executor(context).Do({}, {"examples": [examples], "report": [report]}, properties)
-    return examples, report
-
-
-def read_report(report):
-    with open(os.path.join(report.uri, example_gen.REPORT_FILE)) as stream:
-        return json.load(stream)
 
 
 def split_records(examples, split):

@@ -126,6 +126,75 @@ def test_no_file_is_a_clear_error(tmp_path):
         examples_io.image_dataset([str(tmp_path / "odd" / "*")])
 
 
+# ------------------------------------------------------------------ one image, every path
+
+PHOTO_SHAPE = (300, 400, 3)  # a 400 x 300 JPEG
+
+
+@pytest.fixture(scope="module")
+def photo_examples(tmp_path_factory):
+    """ImageExampleGen over a folder holding a 400 x 300 JPEG, and the config that reads it."""
+    from fixtures.example_gen import run_example_gen
+
+    root = tmp_path_factory.mktemp("photo")
+    folder = fx.clean_folder(str(root / "images"), classes=2, per_class=3)
+    photo = fx.encode(fx.smooth(*PHOTO_SHAPE[:2]) // 2 + fx.pixels(3, PHOTO_SHAPE) // 2, "JPEG")
+    fx.write(os.path.join(folder, "class_1", "photo.jpg"), photo)
+    held_out = fx.clean_folder(str(root / "held_out"), classes=2, per_class=2)
+    data = {"source": "folder", "path": folder, "eval_split": held_out}
+    examples, _ = run_example_gen(root, **data)
+    config = config_lib.load(SMOKE, [f"data.{key}={value}" for key, value in data.items()] + ["augment.image_size=32"])
+    return examples, config, photo
+
+
+def the_photo(images):
+    """The decoded photo of a stream of {"image", "label"} examples."""
+    (photo,) = [e for e in images.as_numpy_iterator() if e["image"].shape == PHOTO_SHAPE]
+    return photo
+
+
+def test_trainer_and_byol_tf_train_draw_views_from_the_same_full_resolution_image(photo_examples):
+    from byol_tf import data
+
+    examples, config, photo = photo_examples
+    trainer_input = the_photo(examples_io.image_dataset(examples_io.split_file_patterns(examples, "train")))
+    library_input = the_photo(data.load_split(config.data, "train"))
+    np.testing.assert_array_equal(trainer_input["image"], library_input["image"])  # decoded, full size
+    np.testing.assert_array_equal(trainer_input["image"], tf.io.decode_jpeg(photo).numpy())
+    assert trainer_input["label"] == library_input["label"] == 1
+
+    def views(example):
+        single = tf.data.Dataset.from_tensors({"image": example["image"], "label": example["label"]})
+        dataset = data.pretraining_dataset(single, config.augment, 1, seed=5, shuffle_buffer=1, repeat=False)
+        return next(iter(dataset))
+
+    # The random resized crops both paths take (data.pretraining_dataset) see the same pixels.
+    ours, theirs = views(trainer_input), views(library_input)
+    for view in ("view1", "view2"):
+        np.testing.assert_array_equal(ours[view].numpy(), theirs[view].numpy())
+        assert ours[view].shape == (1, 32, 32, 3)
+
+
+def test_linear_eval_byol_tf_eval_and_serving_use_the_same_centre_crop(photo_examples, tmp_path):
+    from byol_tf import data, export
+
+    examples, config, photo = photo_examples
+    encoder = networks.build_encoder(config.network, config.augment.image_size)
+
+    def features(images):
+        # What evaluation.evaluate does to each image (transfer protocol): data.evaluation_dataset.
+        single = tf.data.Dataset.from_tensors(the_photo(images))
+        batch = next(iter(data.evaluation_dataset(single, config.augment.image_size, 1)))
+        return encoder(batch["image"], training=False).numpy()
+
+    linear_eval = features(examples_io.image_dataset(examples_io.split_file_patterns(examples, "train")))
+    byol_tf_eval = features(data.load_split(config.data, "train"))
+    exported = tf.saved_model.load(export.export_encoder(encoder, str(tmp_path / "export"), config.augment.image_size))
+    serving = exported.signatures["serving_default"](image_bytes=tf.constant([photo]))["representation"].numpy()
+    np.testing.assert_allclose(linear_eval, byol_tf_eval, atol=1e-5)
+    np.testing.assert_allclose(serving, byol_tf_eval, atol=1e-5)
+
+
 def model_artifact(root, config, artifact_id=11):
     """A Model artifact holding a random-init encoder where the Trainer puts it."""
     serving = os.path.join(root, "Format-Serving")
@@ -529,6 +598,28 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
     assert first.run_id != second.run_id != third.run_id
 
 
+@pytest.mark.slow
+def test_tfrecords_with_the_common_keys_run_through_the_pipeline_with_no_setting(tmp_path):
+    records = []
+    for i in range(48):
+        label = i % CLASSES
+        image = np.full((20 + i % 5, 24, 3), 40, np.uint8)
+        image[..., label] = 220
+        records.append(fx.tf_example(fx.encode(image, "JPEG"), label, image_key="image/encoded"))
+    fx.write_tfrecord(str(tmp_path / "records" / "train-00000-of-00002"), records[:30])
+    fx.write_tfrecord(str(tmp_path / "records" / "train-00001-of-00002"), records[30:], gzip=True)
+    config = config_lib.load(
+        SMOKE,
+        ["data.source=tfrecord", f"data.path={tmp_path / 'records' / 'train-*'}", "data.holdout_examples=12",
+         "data.batch_size=12", "evaluation.linear_epochs=2"],
+    )
+    summary = local_runner.run(config, "byol-tf-records", output_dir=str(tmp_path / "out"), blessing_margin=-1.0)
+    for component in COMPONENTS:
+        assert summary.states[component] == ["COMPLETE"], component
+    assert (summary.linear_eval["num_train"], summary.linear_eval["num_test"]) == (36, 12)
+    assert summary.linear_eval["num_classes"] == CLASSES and summary.pushed_to
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -542,6 +633,21 @@ def test_cli_compile_writes_the_vertex_file(tmp_path, capsys):
     executors = json.loads(out.read_text())["pipelineSpec"]["deploymentSpec"]["executors"]
     args = executors["StatisticsGen_executor"]["container"]["args"]
     assert "--runner=DataflowRunner" in args
+
+
+def test_cli_pipeline_run_stops_at_ingestion_in_one_line_above_max_bad_fraction(tmp_path, capsys):
+    from byol_tfx.pipeline import cli
+
+    folder = fx.add_bad_files(fx.clean_folder(str(tmp_path / "images")))
+    code = cli.main(["run", "--config", SMOKE, "--output-dir", str(tmp_path / "out"), "--set", "data.source=folder",
+                     "--set", f"data.path={folder}", "--set", "data.holdout_examples=6"])
+    assert code == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("byol-tf-pipeline run: error:"))
+    # The same counts as byol-tf train (tests/test_checks.py), and where the report is.
+    assert "ingestion: dropped 7 of 39 records (17.95%), more than max_bad_fraction=1.00%" in line
+    assert "empty_file=1, not_an_image=3, corrupt_image=2, missing_label=1" in line and "ingestion_report.json" in line
+    assert "Traceback" not in err
 
 
 def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):
