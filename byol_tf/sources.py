@@ -388,7 +388,9 @@ def list_folder(folder: str, field: str = "data.path", class_names: tuple[str, .
             f"{field}: folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})"
             + (" in class sub-folders" if found else "")
         )
-    return FolderListing(np.array(files), np.array(labels, np.int64), tuple(names), tuple(others))
+    # Python strings (object array): a fixed-width unicode array of a million paths would
+    # take four bytes per character of the longest path for every file.
+    return FolderListing(np.array(files, dtype=object), np.array(labels, np.int64), tuple(names), tuple(others))
 
 
 def folder_listing(cfg: DataConfig, stream: str) -> FolderListing:

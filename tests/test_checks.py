@@ -205,17 +205,10 @@ def test_byol_tf_train_skips_bad_files_below_the_limit_and_trains(tmp_path, caps
 
 @pytest.mark.slow
 def test_byol_tf_train_on_tfrecords_with_the_common_keys_needs_no_setting(tmp_path, capsys):
-    records = []
-    for i in range(48):
-        label = i % 3
-        image = np.full((20 + i % 5, 24, 3), 40, np.uint8)
-        image[..., label] = 220
-        records.append(fx.tf_example(fx.encode(image, "JPEG"), label, image_key="image/encoded"))
-    fx.write_tfrecord(str(tmp_path / "records" / "train-00000-of-00002"), records[:30])
-    fx.write_tfrecord(str(tmp_path / "records" / "train-00001-of-00002"), records[30:], gzip=True)
+    records = fx.coloured_records(str(tmp_path / "records"))
     code = cli.main(
         ["train", "--config", SMOKE, "--run-dir", str(tmp_path / "run"), "--set", "train.verbose=0",
-         "--set", "data.source=tfrecord", "--set", f"data.path={tmp_path / 'records' / 'train-*'}",
+         "--set", "data.source=tfrecord", "--set", f"data.path={records}",
          "--set", "data.holdout_examples=12", "--set", "data.batch_size=12", "--set", "evaluation.linear_epochs=2"]
     )
     assert code == 0

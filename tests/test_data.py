@@ -275,6 +275,24 @@ def test_tfds_source_prepared_from_local_files(tmp_path):
     assert len(list(data.load_split(held, "test"))) == 5 and data.num_examples(held, "train") == 13
 
 
+@pytest.mark.slow
+def test_byol_tf_train_on_a_tfds_dataset_prepared_from_local_files(tmp_path, capsys):
+    from fixtures import tiny_tfds
+
+    from byol_tf import cli
+
+    data_dir = str(tmp_path / "tfds")
+    name = tiny_tfds.prepare(data_dir)
+    code = cli.main(
+        ["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"), "--set", "train.verbose=0",
+         "--set", "data.source=tfds", "--set", f"data.name={name}", "--set", f"data.tfds_data_dir={data_dir}",
+         "--set", "data.eval_split=test", "--set", "data.batch_size=6", "--set", "evaluation.linear_epochs=2"]
+    )
+    assert code == 0
+    assert "18 train / 6 test images, 3 classes" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "run" / "encoder.keras")
+
+
 # -------------------------------------------------------------------- pipelines
 
 

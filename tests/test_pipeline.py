@@ -600,17 +600,10 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
 
 @pytest.mark.slow
 def test_tfrecords_with_the_common_keys_run_through_the_pipeline_with_no_setting(tmp_path):
-    records = []
-    for i in range(48):
-        label = i % CLASSES
-        image = np.full((20 + i % 5, 24, 3), 40, np.uint8)
-        image[..., label] = 220
-        records.append(fx.tf_example(fx.encode(image, "JPEG"), label, image_key="image/encoded"))
-    fx.write_tfrecord(str(tmp_path / "records" / "train-00000-of-00002"), records[:30])
-    fx.write_tfrecord(str(tmp_path / "records" / "train-00001-of-00002"), records[30:], gzip=True)
+    records = fx.coloured_records(str(tmp_path / "records"))
     config = config_lib.load(
         SMOKE,
-        ["data.source=tfrecord", f"data.path={tmp_path / 'records' / 'train-*'}", "data.holdout_examples=12",
+        ["data.source=tfrecord", f"data.path={records}", "data.holdout_examples=12",
          "data.batch_size=12", "evaluation.linear_epochs=2"],
     )
     summary = local_runner.run(config, "byol-tf-records", output_dir=str(tmp_path / "out"), blessing_margin=-1.0)
