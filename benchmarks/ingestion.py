@@ -160,7 +160,12 @@ def run_child(command: list[str], cwd: str, env: dict) -> dict:
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({child.returncode}):\n{stderr[-3000:]}")
     result = next(json.loads(line[len("@@result "):]) for line in stdout.splitlines() if line.startswith("@@result "))
-    return {"seconds": result["seconds"], "wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 2**20}
+    return {
+        "seconds": result["seconds"],
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mib": peak[0] / 2**20,
+        "load_1m": common.load_average(),  # at the end of this run: how busy the machine was
+    }
 
 
 def new_command(setting: str, folder: str, out: str, holdout: int) -> tuple[list[str], str, dict]:
@@ -239,6 +244,8 @@ def main(argv=None):
                 out = os.path.join(scratch, f"{name}-{round_index}")
                 runs[name].append(run_child(*make(out)))
                 shutil.rmtree(out, ignore_errors=True)
+                print(f"round {round_index + 1} of {args.reps}, {name}: {args.images / runs[name][-1]['seconds']:.1f} "
+                      f"images/s, load {common.load_average()}", file=sys.stderr, flush=True)
         rates = {}
         for name, results in runs.items():
             rates[name] = [args.images / result["seconds"] for result in results]
@@ -251,6 +258,7 @@ def main(argv=None):
                 wall_s=common.median([r["wall_s"] for r in results]),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in results),
                 times_s=[r["seconds"] for r in results],
+                loads_1m=[r["load_1m"] for r in results],
             )
         if BASELINE in rates:
             for name in args.settings:
@@ -267,7 +275,7 @@ def main(argv=None):
             common.record(
                 "ingestion_memory", {"setting": "beam_2", "images": count, "sides": list(sides)},
                 result["peak_rss_mib"], "MiB", result["seconds"], 1, args.out,
-                images_per_s=count / result["seconds"], wall_s=result["wall_s"],
+                images_per_s=count / result["seconds"], wall_s=result["wall_s"], loads_1m=[result["load_1m"]],
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
