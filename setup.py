@@ -30,6 +30,10 @@ setuptools.setup(
         "tensorflow==2.21.0",
         "keras==3.15.1",
         "tensorflow-datasets==4.9.10",
+        # TFDS builders resolve their own files through importlib_resources (dataset_builder's
+        # code_path); the `tfds build` command imports mlcroissant.
+        "importlib_resources==7.1.0",
+        "mlcroissant==1.1.1",
         "tensorboard==2.21.0",
         "mlxtend==0.25.0",
         "PyYAML==6.0.4",

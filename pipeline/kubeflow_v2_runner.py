@@ -14,8 +14,9 @@ installed (see the repository's Dockerfile). Build and push it, compile, then su
 The same `create_pipeline` as the local runner is compiled; Vertex keeps ML Metadata
 itself. The blessing margin and the ingestion's maximum bad-record fraction are runtime
 parameters (set them at submission, e.g. `parameter_values={"blessing_margin": 0.02}`).
-The Beam-based components (StatisticsGen, EmbedImages) take `beam_pipeline_args`, e.g.
-`dataflow_beam_args(...)` to run it on Dataflow.
+The Beam-based components (ImageExampleGen, StatisticsGen, EmbedImages) take `beam_pipeline_args`, e.g.
+`dataflow_beam_args(...)` to run them on Dataflow. With `vertex_training.enabled` in the
+config, the Trainer runs as a Vertex AI custom job with the config's worker pools.
 
 Nothing here needs Google Cloud credentials: compiling only writes a file.
 """
@@ -65,7 +66,7 @@ def compile_pipeline(
     push_destination: str | None = None,
     beam_pipeline_args: Sequence[str] = DEFAULT_BEAM_PIPELINE_ARGS,
     blessing_margin: float | None = None,
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float | None = None,
     source_fingerprint: str | None = None,
     embed_split: str | None = None,
 ) -> str:
@@ -80,10 +81,11 @@ def compile_pipeline(
         push_destination: base folder of pushed encoders; default `<pipeline_root>/serving_model`.
         beam_pipeline_args: for the Beam-based components (e.g. `dataflow_beam_args`).
         blessing_margin: default of the `blessing_margin` runtime parameter.
-        max_bad_fraction: default of the `max_bad_fraction` runtime parameter.
-        source_fingerprint: `byol_tfx.components.ingestion.source_fingerprint` of a folder /
-            TFRecord source, when the compiling machine can list it: a new value (new
-            files) makes ImageExampleGen a cache miss on Vertex too.
+        max_bad_fraction: default of the `max_bad_fraction` runtime parameter; None:
+            `config.data.max_bad_fraction`.
+        source_fingerprint: `byol_tf.sources.fingerprint` of a folder / TFRecord source,
+            when the compiling machine can list it: a new value (new files) makes
+            ImageExampleGen a cache miss on Vertex too.
         embed_split: "eval" or "train" adds the EmbedImages step (Beam, `beam_pipeline_args`).
 
     Returns:
@@ -95,6 +97,7 @@ def compile_pipeline(
 
     name = pipeline_name
     margin = pipeline_lib.DEFAULT_BLESSING_MARGIN if blessing_margin is None else blessing_margin
+    max_bad_fraction = config.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
     tfx_pipeline = pipeline_lib.create_pipeline(
         pipeline_name=name,
         pipeline_root=pipeline_root,
@@ -110,6 +113,7 @@ def compile_pipeline(
         ),
         source_fingerprint=source_fingerprint,
         embed_split=embed_split,
+        vertex_image=image,
     )
     output_dir, filename = os.path.split(os.path.abspath(output_file))
     os.makedirs(output_dir, exist_ok=True)

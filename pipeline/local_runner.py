@@ -26,8 +26,10 @@ DEFAULT_OUTPUT_DIR = "pipeline_output"
 METADATA_FILE = "metadata.sqlite"
 PIPELINE_ROOT_DIR = "pipeline_root"
 SERVING_MODEL_DIR = "serving_model"
-# Beam DirectRunner in this process: worker processes would each pay TFX's ~10 s import and
-# double memory on a 2-core machine, for datasets this runner is meant for.
+# Beam DirectRunner in this process: worker processes would each pay their start-up and
+# double memory on a 2-core machine, for the small datasets this default is meant for. For
+# a large source, pass e.g. --direct_running_mode=multi_processing --direct_num_workers=N
+# (`byol-tf-pipeline run --beam-arg=...`): ingestion then reads and checks on N cores.
 DEFAULT_BEAM_PIPELINE_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
 
 
@@ -211,7 +213,7 @@ def run(
         output_dir: folder holding every pipeline's artifacts, metadata and pushed models.
         blessing_margin: required top-1 gain over the random-init encoder (fraction);
             default `pipeline.DEFAULT_BLESSING_MARGIN`.
-        beam_pipeline_args: for the Beam-based components (StatisticsGen, EmbedImages).
+        beam_pipeline_args: for the Beam-based components (ImageExampleGen, StatisticsGen, EmbedImages).
         enable_cache: reuse executions whose inputs and parameters are unchanged.
         embed_split: "eval" or "train": also embed that split with the blessed encoder
             (EmbedImages); None: not.
@@ -221,7 +223,7 @@ def run(
     """
     from tfx import v1 as tfx
 
-    from byol_tfx.components import ingestion
+    from byol_tf import sources
     from byol_tfx.pipeline import pipeline as pipeline_lib
 
     paths = run_paths(output_dir, pipeline_name)
@@ -236,7 +238,7 @@ def run(
         blessing_margin=pipeline_lib.DEFAULT_BLESSING_MARGIN if blessing_margin is None else blessing_margin,
         enable_cache=enable_cache,
         # Changed files in a folder / TFRecord source must not be served from the cache.
-        source_fingerprint=ingestion.source_fingerprint(config.data.source, config.data.path, config.data.eval_split),
+        source_fingerprint=sources.fingerprint(config.data),
         embed_split=embed_split,
     )
     tfx.orchestration.LocalDagRunner().run(tfx_pipeline)

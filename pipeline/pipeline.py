@@ -4,10 +4,12 @@
 runners (`local_runner`, `kubeflow_v2_runner`) own the paths, the metadata store and the
 orchestrator. Components are thin adapters over `byol_tf`:
 
-    ImageExampleGen   -> examples (splits train, eval), ingestion report
+    ImageExampleGen   -> examples (splits train, eval; full-resolution images), ingestion
+                      report (Beam: one process, several, or Dataflow)
     StatisticsGen -> ImageSchemaGen -> ExampleValidator -> ValidationGate
                       -> validated_schema, only when the examples have no anomaly
-    Trainer           examples + validated_schema -> model (run_fn: byol_tf.training)
+    Trainer           examples + validated_schema -> model (run_fn: byol_tf.training); in the
+                      step's container, or as a Vertex AI custom job (`vertex_training`)
     ServingCheck      model -> infra blessing: loads in a fresh process, answers its warm-up
                       requests (byol_tf.serving)
     Resolver          ML Metadata -> the latest blessed model and its blessing
@@ -55,9 +57,10 @@ def create_pipeline(
     push_destination: str | None = None,
     blessing_margin=DEFAULT_BLESSING_MARGIN,
     enable_cache: bool = True,
-    max_bad_fraction=0.01,
+    max_bad_fraction=None,
     source_fingerprint: str | None = None,
     embed_split: str | None = None,
+    vertex_image: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """Builds the pipeline (nothing runs, nothing is written).
 
@@ -76,13 +79,19 @@ def create_pipeline(
             encoder (fraction; 0.01 = one point); a float or a RuntimeParameter.
         enable_cache: reuse executions whose inputs and parameters are unchanged.
         max_bad_fraction: ImageExampleGen fails when more records than this are bad;
-            a float or a RuntimeParameter.
+            a float or a RuntimeParameter; None: `config.data.max_bad_fraction`.
         source_fingerprint: a hash of a folder / TFRecord source's files
             (`byol_tfx.components.ingestion.source_fingerprint`, computed by the runner): part of
             ImageExampleGen's cache key, so changed files are read again.
         embed_split: "eval" or "train" adds EmbedImages after the Pusher: the blessed
             encoder's Parquet embeddings of that split (nothing when not blessed); None: no
             such step.
+            (`byol_tf.sources.fingerprint`, computed by the runner): part of ImageExampleGen's
+            cache key, so changed files are read again.
+        vertex_image: the container image of a Vertex AI pipeline; with
+            `config.vertex_training.enabled`, the Trainer then runs as a Vertex AI custom
+            job in it (or in `vertex_training.image`), with the config's worker pools. None
+            (local runs): the Trainer runs in its own step.
 
     Returns:
         A `tfx.dsl.Pipeline`.
@@ -103,21 +112,27 @@ def create_pipeline(
 
     example_gen = example_gen_lib.ImageExampleGen(
         config=config_lib.to_json(config, example_gen_lib.CONFIG_SECTIONS),
-        max_bad_fraction=max_bad_fraction,
-        **({"source_fingerprint": source_fingerprint} if source_fingerprint else {}),
+        max_bad_fraction=config.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
+        source_fingerprint=source_fingerprint or None,
     ).with_id(EXAMPLE_GEN)
     examples = example_gen.outputs["examples"]
     validation = validation_lib.validation_components(
         examples, config_lib.to_json(config, validation_lib.CONFIG_SECTIONS)
     )
 
-    trainer = tfx.components.Trainer(
+    trainer_config = trainer_module.custom_config(config_json)
+    trainer_class = tfx.components.Trainer
+    if vertex_image and config.vertex_training.enabled:
+        # The same run_fn, started by TFX's Vertex Trainer as a custom job with worker pools.
+        trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer
+        trainer_config.update(trainer_module.vertex_custom_config(config.vertex_training, vertex_image))
+    trainer = trainer_class(
         run_fn=TRAINER_RUN_FN,
         examples=examples,
         # The gate's output exists only when ExampleValidator found no anomaly: the
         # Trainer (and everything after it) cannot run on data that failed validation.
         schema=validation["validation_gate"].outputs["validated_schema"],
-        custom_config=trainer_module.custom_config(config_json),
+        custom_config=trainer_config,
     ).with_id(TRAINER)
 
     # What InfraValidator does, without a model server: nothing is pushed that does not load

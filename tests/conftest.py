@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Helper builders live in tests/fixtures/ (images, tiny models)."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ import pytest
 # tfx.v1 sets TF_USE_LEGACY_KERAS=1 for child processes when imported; the tests, like the
 # entry points, use Keras 3 everywhere.
 os.environ["TF_USE_LEGACY_KERAS"] = "0"
+# The data check pass caches its outcome (byol_tf.checks): in a folder of this session,
+# never in the user's ~/.cache.
+os.environ["BYOL_TF_CACHE_DIR"] = tempfile.mkdtemp(prefix="byol-tf-test-cache-")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -363,6 +363,37 @@ def _fake_results(path):
     path.write_text("\n".join(rows) + "\n")
 
 
+def test_ingestion_smoke_times_the_beam_ingestion_and_its_memory(capsys, tmp_path):
+    from benchmarks import ingestion
+
+    (entry,) = _run_main(ingestion, ["--data-root", str(tmp_path / "images")], capsys, tmp_path)
+    _check_record(entry, "ingestion", "images/s")
+    assert entry["config"] == {"setting": "beam_1", "images": 24, "sides": [16, 40], "smoke": True}
+    assert entry["peak_rss_mib"] > 0 and entry["wall_s"] >= entry["median_s"] > 0
+    assert entry["value"] == pytest.approx(24 / entry["median_s"], rel=1e-3)
+    folder = ingestion.write_folder(str(tmp_path / "images"), 24, (16, 40))
+    files = sorted(name for _, _, names in os.walk(folder) for name in names if name.endswith(".jpg"))
+    assert len(files) == 24  # reused, not written again
+
+
+@pytest.mark.slow
+def test_ingestion_compares_with_the_replaced_ingestion_of_a_commit(capsys, tmp_path):
+    from benchmarks import ingestion
+
+    commit = "a6913cb"  # the last commit with the single-process ImageExampleGen
+    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{commit}^{{commit}}"]).returncode != 0:
+        pytest.skip(f"commit {commit} is not in this clone")
+    records = _run_main(
+        ingestion, ["--data-root", str(tmp_path / "images"), "--baseline-commit", commit, "--baseline-image-size", "32"],
+        capsys, tmp_path,
+    )
+    assert [r["config"]["setting"] for r in records if r["benchmark"] == "ingestion"] == ["beam_1", "baseline"]
+    (ratio,) = [r for r in records if r["benchmark"] == "ingestion_ratio"]
+    _check_record(ratio, "ingestion_ratio", "x")
+    rates = {r["config"]["setting"]: r["value"] for r in records if r["benchmark"] == "ingestion"}
+    assert ratio["value"] == pytest.approx(rates["beam_1"] / rates["baseline"], rel=1e-3)
+
+
 def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
     results = tmp_path / "2026-11-30.jsonl"
     _fake_results(results)

@@ -156,6 +156,12 @@ def test_configs_are_frozen():
         ({"evaluation": {"finetune_epochs": 0}}, r"^evaluation\.finetune_epochs: 0 is outside the allowed range"),
         ({"evaluation": {"finetune_batch_size": 0}}, r"^evaluation\.finetune_batch_size: 0 is outside"),
         ({"evaluation": {"finetune_in_pipeline": "yes"}}, r"^evaluation\.finetune_in_pipeline: expected true or false"),
+        ({"data": {"max_bad_fraction": 1.5}}, r"^data\.max_bad_fraction: 1\.5 is outside the allowed range \[0\.0, 1\.0\]"),
+        ({"data": {"max_image_side": 4}}, r"^data\.max_image_side: 4 is outside"),
+        ({"data": {"image_key": "image/encoded"}}, r"^data\.image_key: is only read by source 'tfrecord', not 'mnist5k'"),
+        ({"data": {"source": "tfrecord", "path": "x", "label_key": ""}}, r"^data\.label_key: must not be empty"),
+        ({"vertex_training": {"machine_type": "N1 standard"}}, r"^vertex_training\.machine_type: 'N1 standard' is not"),
+        ({"vertex_training": {"replica_count": 0}}, r"^vertex_training\.replica_count: 0 is outside"),
     ],
 )
 def test_bad_configs_name_the_field(raw, match):

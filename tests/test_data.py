@@ -132,38 +132,49 @@ def records_dir(tmp_path):
     return tmp_path, images, gray
 
 
-def test_tfrecord_round_trip_png_jpeg_gzip_and_missing_label(records_dir):
+def test_tfrecord_round_trip_png_jpeg_gzip_and_a_record_without_label(records_dir):
     folder, images, gray = records_dir
     with open(folder / "part-1.gz", "rb") as stream:
         assert stream.read(2) == b"\x1f\x8b"
-    cfg = DataConfig(source="tfrecord", path=str(folder / "part-*"), holdout_examples=0)
+    cfg = DataConfig(source="tfrecord", path=str(folder / "part-*"), holdout_examples=0, max_bad_fraction=0.25)
     examples = list(data.load_split(cfg, "train").as_numpy_iterator())
-    # Files are interleaved, so look examples up by label.
+    # Files are interleaved, so look examples up by label. The record without a label in
+    # a labelled source is skipped (missing_label, 1 of 5 records).
     by_label = {int(e["label"]): e["image"] for e in examples}
-    assert sorted(by_label) == [-1, 0, 1, 2, 3] and len(examples) == 5
+    assert sorted(by_label) == [0, 1, 2, 3] and len(examples) == 4
     np.testing.assert_array_equal(by_label[3], images[0])
     np.testing.assert_array_equal(by_label[1], images[1])
     np.testing.assert_array_equal(by_label[2], np.repeat(gray, 3, axis=-1))
-    for label, original in ((0, images[2]), (-1, images[3])):
-        assert by_label[label].shape == original.shape and by_label[label].dtype == np.uint8
-        assert np.abs(by_label[label].astype(float) - original).mean() < 8  # JPEG is lossy
+    assert by_label[0].shape == images[2].shape and by_label[0].dtype == np.uint8
+    assert np.abs(by_label[0].astype(float) - images[2]).mean() < 8  # JPEG is lossy
     again = [int(e["label"]) for e in data.load_split(cfg, "train")]
     assert again == [int(e["label"]) for e in examples]  # a fixed order
-    assert data.num_examples(cfg, "train") == 5
+    assert data.num_examples(cfg, "train") == 4
     # A folder path (TFX ExampleGen's Split-train/) reads every file in it.
     by_folder = list(data.load_split(dataclasses.replace(cfg, path=str(folder)), "train"))
-    assert len(by_folder) == 5
+    assert len(by_folder) == 4
+    with pytest.raises(ValueError, match=r"dropped 1 of 5 records .*data.max_bad_fraction=1.00%: missing_label=1"):
+        data.load_split(dataclasses.replace(cfg, max_bad_fraction=0.01), "train")
+
+
+def test_unlabelled_tfrecords_give_label_minus_one(tmp_path):
+    image = np.full((6, 7, 3), 9, np.uint8)
+    _write_records(str(tmp_path / "a.tfrecord"), [_example(_png(image)) for _ in range(3)], gzip_compressed=False)
+    cfg = DataConfig(source="tfrecord", path=str(tmp_path / "a.tfrecord"), holdout_examples=1)
+    assert [int(e["label"]) for e in data.load_split(cfg, "train")] == [-1, -1]
+    assert data.num_classes(cfg) is None
 
 
 def test_tfrecord_holdout_is_disjoint_and_eval_split_is_a_glob(records_dir):
     folder, _, _ = records_dir
-    cfg = DataConfig(source="tfrecord", path=str(folder / "part-*"), holdout_examples=2, seed=3)
+    cfg = DataConfig(source="tfrecord", path=str(folder / "part-*"), holdout_examples=2, seed=3, max_bad_fraction=0.5)
     train = [e["image"].tobytes() for e in data.load_split(cfg, "train").as_numpy_iterator()]
     test = [e["image"].tobytes() for e in data.load_split(cfg, "test").as_numpy_iterator()]
-    assert len(train) == 3 and len(test) == 2 and not set(train) & set(test)
-    assert data.num_examples(cfg, "train") == 3 and data.num_examples(cfg, "test") == 2
+    # 5 records, 2 held out; the one without a label is skipped in whichever split it falls.
+    assert len(train) + len(test) == 4 and not set(train) & set(test)
+    assert (data.num_examples(cfg, "train"), data.num_examples(cfg, "test")) == (len(train), len(test))
     held_out = dataclasses.replace(cfg, path=str(folder / "part-0*"), eval_split=str(folder / "part-1*"))
-    assert sorted(int(e["label"]) for e in data.load_split(held_out, "test")) == [-1, 0]
+    assert sorted(int(e["label"]) for e in data.load_split(held_out, "test")) == [0]
     assert data.num_examples(held_out, "train") == 3
 
 
@@ -195,13 +206,13 @@ def image_folder(tmp_path):
             image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
             with open(tmp_path / name / f"{index}.png", "wb") as stream:
                 stream.write(_png(image))
-    with open(tmp_path / "cat" / "notes.txt", "w") as stream:
-        stream.write("not an image")
     return tmp_path
 
 
 def test_folder_source_labels_from_sorted_class_names(image_folder):
-    cfg = DataConfig(source="folder", path=str(image_folder), holdout_examples=0)
+    # notes.txt is counted as not an image: 1 of 6 files.
+    (image_folder / "cat" / "notes.txt").write_text("not an image")
+    cfg = DataConfig(source="folder", path=str(image_folder), holdout_examples=0, max_bad_fraction=0.2)
     examples = list(data.load_split(cfg, "train").as_numpy_iterator())
     assert len(examples) == 5 == data.num_examples(cfg, "train")
     shapes = sorted((e["image"].shape, int(e["label"])) for e in examples)
@@ -244,19 +255,42 @@ def test_tfds_unknown_and_unprepared_name_the_fields(tmp_path):
         data.load_split(DataConfig(source="tfds", name="mnist", tfds_data_dir=str(tmp_path), holdout_examples=0), "train")
 
 
-def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
-    import tensorflow_datasets as tfds
+def test_tfds_source_prepared_from_local_files(tmp_path):
+    from fixtures import tiny_tfds
 
-    # mock_data fakes the records; the builder still reports itself unprepared.
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    cfg = DataConfig(source="tfds", name="mnist", tfds_data_dir=str(tmp_path), eval_split="test")
-    with tfds.testing.mock_data(num_examples=6):
-        examples = list(data.load_split(cfg, "test").as_numpy_iterator())
-        held = list(data.load_split(dataclasses.replace(cfg, eval_split=None, holdout_examples=2), "test"))
-    assert len(examples) == 6
-    assert examples[0]["image"].shape == (28, 28, 3) and examples[0]["image"].dtype == np.uint8
-    assert examples[0]["label"].dtype == np.int64
-    assert len(held) == 2
+    data_dir = str(tmp_path / "tfds")
+    name = tiny_tfds.prepare(data_dir)
+    cfg = DataConfig(source="tfds", name=name, tfds_data_dir=data_dir, eval_split="test")
+    train = list(data.load_split(cfg, "train").as_numpy_iterator())
+    test = list(data.load_split(cfg, "test").as_numpy_iterator())
+    assert (len(train), len(test)) == (18, 6) == (data.num_examples(cfg, "train"), data.num_examples(cfg, "test"))
+    # TFDS orders records by a hash of their keys: compare sets, not positions.
+    assert {e["image"].shape for e in train} == {(20 + 4 * (i % 3), 24 + 2 * (i % 4), 3) for i in range(18)}
+    assert train[0]["image"].dtype == np.uint8
+    assert sorted(int(e["label"]) for e in train) == sorted(i % 3 for i in range(18))
+    # The class sets the dominant colour: the images are the generated ones, decoded.
+    assert all(e["image"][..., e["label"]].mean() > 150 for e in train)
+    assert data.num_classes(cfg) == 3
+    held = dataclasses.replace(cfg, eval_split=None, holdout_examples=5)
+    assert len(list(data.load_split(held, "test"))) == 5 and data.num_examples(held, "train") == 13
+
+
+@pytest.mark.slow
+def test_byol_tf_train_on_a_tfds_dataset_prepared_from_local_files(tmp_path, capsys):
+    from fixtures import tiny_tfds
+
+    from byol_tf import cli
+
+    data_dir = str(tmp_path / "tfds")
+    name = tiny_tfds.prepare(data_dir)
+    code = cli.main(
+        ["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"), "--set", "train.verbose=0",
+         "--set", "data.source=tfds", "--set", f"data.name={name}", "--set", f"data.tfds_data_dir={data_dir}",
+         "--set", "data.eval_split=test", "--set", "data.batch_size=6", "--set", "evaluation.linear_epochs=2"]
+    )
+    assert code == 0
+    assert "18 train / 6 test images, 3 classes" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "run" / "encoder.keras")
 
 
 # -------------------------------------------------------------------- pipelines

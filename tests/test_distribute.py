@@ -104,6 +104,25 @@ def test_default_strategy_and_clear_errors_for_missing_tpu_and_bad_tf_config(mon
         distribute.strategy_from_config(DistributeConfig(strategy="multi_worker"))
 
 
+@pytest.mark.parametrize(
+    "task, chief, index",
+    [({"type": "chief", "index": 0}, True, 0), ({"type": "worker", "index": 0}, False, 0), ({"type": "worker", "index": 1}, False, 1)],
+)
+def test_vertex_tf_config_makes_workerpool0_the_chief(monkeypatch, task, chief, index):
+    # What Vertex AI sets on each replica of a custom job with two worker pools: pool 0 is
+    # "chief", pool 1 "worker" (its CLUSTER_SPEC calls them workerpool0 / workerpool1).
+    cluster = {"chief": ["workerpool0-0:2222"], "worker": ["workerpool1-0:2222", "workerpool1-1:2222"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": task, "environment": "cloud", "job": {"args": []}})
+    )
+    assert distribute.cluster_spec_from_env()["cluster"] == cluster
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()  # what MultiWorkerMirrored reads
+    assert distribute.task_role(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict()) == (chief, index)
+    # Without a chief (a TF_CONFIG written by hand), worker 0 is the chief.
+    assert distribute.task_role("worker", 0, {"worker": ["a:1", "b:1"]}) == (True, 0)
+    assert distribute.task_role("worker", 1, {"worker": ["a:1", "b:1"]}) == (False, 1)
+
+
 class _Replicas:
     def __init__(self, count):
         self.num_replicas_in_sync = count

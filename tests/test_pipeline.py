@@ -67,39 +67,121 @@ def smoke_config(**evaluation):
     return config_lib.from_dict(raw)
 
 
+def images_of(file_patterns):
+    return list(examples_io.image_dataset(file_patterns).as_numpy_iterator())
+
+
 def test_split_summary_counts_classes_and_fixed_size(tmp_path):
     examples = write_examples(str(tmp_path), train=7, eval_=5)
     summary = examples_io.summarize_split(examples_io.split_file_patterns(examples, "train"))
     assert (summary.num_examples, summary.num_classes, summary.image_shape) == (7, CLASSES, (fx.SIDE, fx.SIDE, 3))
-    images, labels = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
-    assert images.shape == (5, fx.SIDE, fx.SIDE, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.arange(5) % CLASSES)
+    read = images_of(examples_io.split_file_patterns(examples, "eval"))
+    assert [e["image"].shape for e in read] == [(fx.SIDE, fx.SIDE, 3)] * 5 and read[0]["image"].dtype == np.uint8
+    np.testing.assert_array_equal([e["label"] for e in read], np.arange(5) % CLASSES)
 
 
-def test_mixed_sizes_leave_the_shape_open(tmp_path):
+def test_mixed_sizes_leave_the_shape_open_and_train_through_per_image_crops(tmp_path):
     path = str(tmp_path / "Split-train" / "a.gz")
-    fx.write_tfrecord(
-        path,
-        [fx.tf_example(fx.png(0), 0, fx.SIDE, fx.SIDE), fx.tf_example(fx.png(1, (9, 9, 3)), 1, 9, 9)],
-        gzip=True,
-    )
-    summary = examples_io.summarize_split([str(tmp_path / "Split-train" / "*")])
-    assert summary.image_shape is None and summary.num_examples == 2
-    with pytest.raises(ValueError, match="differ in shape"):
-        examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
+    shapes = [(fx.SIDE, fx.SIDE), (9, 9), (30, 40), (41, 7)]
+    fx.write_tfrecord(path, [fx.tf_example(fx.png(i, (*shape, 3)), i % 3, *shape) for i, shape in enumerate(shapes)], gzip=True)
+    patterns = [str(tmp_path / "Split-train" / "*")]
+    summary = examples_io.summarize_split(patterns)
+    assert summary.image_shape is None and summary.num_examples == 4
+    assert [e["image"].shape[:2] for e in images_of(patterns)] == shapes
+    from byol_tfx.components import trainer_module
+
+    config = config_lib.load(SMOKE, ["data.batch_size=2"])
+    batch = next(iter(trainer_module.training_dataset(config, patterns, summary.image_shape)))
+    assert batch["view1"].shape == (2, 28, 28, 3) and batch["view2"].shape == (2, 28, 28, 3)
 
 
-def test_uncompressed_records_are_read_too(tmp_path):
+def test_uncompressed_records_and_the_common_feature_names_are_read_too(tmp_path):
     path = str(tmp_path / "Split-train" / "data.gz")  # named .gz, but plain TFRecords
-    fx.write_tfrecord(path, [fx.tf_example(fx.png(i), i, fx.SIDE, fx.SIDE) for i in range(4)], gzip=False)
-    images, labels = examples_io.load_arrays([str(tmp_path / "Split-train" / "*")])
-    assert images.shape == (4, fx.SIDE, fx.SIDE, 3)
-    np.testing.assert_array_equal(labels, np.arange(4))
+    records = [
+        fx.tf_example(fx.png(i), i, image_key="image/encoded", label_key="image/class/label") for i in range(4)
+    ]
+    fx.write_tfrecord(path, records, gzip=False)
+    read = images_of([str(tmp_path / "Split-train" / "*")])
+    assert [e["image"].shape for e in read] == [(fx.SIDE, fx.SIDE, 3)] * 4
+    np.testing.assert_array_equal([e["label"] for e in read], np.arange(4))
+    assert examples_io.summarize_split([str(tmp_path / "Split-train" / "*")]).num_classes == 4
 
 
 def test_no_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no TFRecord file matches"):
         examples_io.summarize_split([str(tmp_path / "nothing" / "*")])
+    fx.write_tfrecord(str(tmp_path / "odd" / "a.gz"), [fx.tf_example(fx.png(0), 1, image_key="pixels")], gzip=True)
+    with pytest.raises(ValueError, match=r"data.image_key: .*no image feature .*its features: label, pixels"):
+        examples_io.image_dataset([str(tmp_path / "odd" / "*")])
+
+
+# ------------------------------------------------------------------ one image, every path
+
+PHOTO_SHAPE = (300, 400, 3)  # a 400 x 300 JPEG
+
+
+@pytest.fixture(scope="module")
+def photo_examples(tmp_path_factory):
+    """ImageExampleGen over a folder holding a 400 x 300 JPEG, and the config that reads it."""
+    from fixtures.example_gen import run_example_gen
+
+    root = tmp_path_factory.mktemp("photo")
+    folder = fx.clean_folder(str(root / "images"), classes=2, per_class=3)
+    photo = fx.encode(fx.smooth(*PHOTO_SHAPE[:2]) // 2 + fx.pixels(3, PHOTO_SHAPE) // 2, "JPEG")
+    fx.write(os.path.join(folder, "class_1", "photo.jpg"), photo)
+    held_out = fx.clean_folder(str(root / "held_out"), classes=2, per_class=2)
+    data = {"source": "folder", "path": folder, "eval_split": held_out}
+    examples, _ = run_example_gen(root, **data)
+    config = config_lib.load(SMOKE, [f"data.{key}={value}" for key, value in data.items()] + ["augment.image_size=32"])
+    return examples, config, photo
+
+
+def the_photo(images):
+    """The decoded photo of a stream of {"image", "label"} examples."""
+    (photo,) = [e for e in images.as_numpy_iterator() if e["image"].shape == PHOTO_SHAPE]
+    return photo
+
+
+def test_trainer_and_byol_tf_train_draw_views_from_the_same_full_resolution_image(photo_examples):
+    from byol_tf import data
+
+    examples, config, photo = photo_examples
+    trainer_input = the_photo(examples_io.image_dataset(examples_io.split_file_patterns(examples, "train")))
+    library_input = the_photo(data.load_split(config.data, "train"))
+    np.testing.assert_array_equal(trainer_input["image"], library_input["image"])  # decoded, full size
+    np.testing.assert_array_equal(trainer_input["image"], tf.io.decode_jpeg(photo).numpy())
+    assert trainer_input["label"] == library_input["label"] == 1
+
+    def views(example):
+        single = tf.data.Dataset.from_tensors({"image": example["image"], "label": example["label"]})
+        dataset = data.pretraining_dataset(single, config.augment, 1, seed=5, shuffle_buffer=1, repeat=False)
+        return next(iter(dataset))
+
+    # The random resized crops both paths take (data.pretraining_dataset) see the same pixels.
+    ours, theirs = views(trainer_input), views(library_input)
+    for view in ("view1", "view2"):
+        np.testing.assert_array_equal(ours[view].numpy(), theirs[view].numpy())
+        assert ours[view].shape == (1, 32, 32, 3)
+
+
+def test_linear_eval_byol_tf_eval_and_serving_use_the_same_centre_crop(photo_examples, tmp_path):
+    from byol_tf import data, export
+
+    examples, config, photo = photo_examples
+    encoder = networks.build_encoder(config.network, config.augment.image_size)
+
+    def features(images):
+        # What evaluation.evaluate does to each image (transfer protocol): data.evaluation_dataset.
+        single = tf.data.Dataset.from_tensors(the_photo(images))
+        batch = next(iter(data.evaluation_dataset(single, config.augment.image_size, 1)))
+        return encoder(batch["image"], training=False).numpy()
+
+    linear_eval = features(examples_io.image_dataset(examples_io.split_file_patterns(examples, "train")))
+    byol_tf_eval = features(data.load_split(config.data, "train"))
+    exported = tf.saved_model.load(export.export_encoder(encoder, str(tmp_path / "export"), config.augment.image_size))
+    serving = exported.signatures["serving_default"](image_bytes=tf.constant([photo]))["representation"].numpy()
+    np.testing.assert_allclose(linear_eval, byol_tf_eval, atol=1e-5)
+    np.testing.assert_allclose(serving, byol_tf_eval, atol=1e-5)
 
 
 def model_artifact(root, config, artifact_id=11):
@@ -309,11 +391,13 @@ def test_create_pipeline_writes_nothing_and_validates_its_arguments(tmp_path):
         assert components[node].exec_properties["config"] == config_json, node
     for node in ("ImageExampleGen", "ImageSchemaGen"):
         data_json = components[node].exec_properties["config"]
-        assert set(json.loads(data_json)) == {"data", "augment"}, node
-        parsed = config_lib.from_json(data_json)
-        assert (parsed.data, parsed.augment) == (config.data, config.augment), node
+        assert set(json.loads(data_json)) == {"data"}, node
+        assert config_lib.from_json(data_json).data == config.data, node
+    # The ingestion gate defaults to the config's data.max_bad_fraction.
+    assert components["ImageExampleGen"].exec_properties["max_bad_fraction"] == config.data.max_bad_fraction
     retrained = pipeline_lib.create_pipeline(
-        "p", str(tmp_path / "root"), config_lib.load(SMOKE, ["train.seed=7", "optimizer.base_learning_rate=0.1"]),
+        "p", str(tmp_path / "root"),
+        config_lib.load(SMOKE, ["train.seed=7", "optimizer.base_learning_rate=0.1", "augment.image_size=32"]),
         push_destination="x",
     )
     for old, new in zip(pipeline.components, retrained.components):
@@ -444,6 +528,55 @@ def test_compiled_vertex_pipeline_has_embed_images_when_enabled(tmp_path):
     assert "--runner=DataflowRunner" in args
     output_types = spec["components"]["EmbedImages"]["outputDefinitions"]["artifacts"]
     assert "byol_tf.Embeddings" in output_types["embeddings"]["artifactType"]["instanceSchema"]
+VERTEX_TRAINING = [
+    "vertex_training.enabled=true", "vertex_training.project=my-project", "vertex_training.region=europe-west4",
+    "vertex_training.machine_type=n1-standard-16", "vertex_training.accelerator_type=NVIDIA_TESLA_T4",
+    "vertex_training.accelerator_count=2", "vertex_training.replica_count=3", "distribute.strategy=multi_worker",
+]
+
+
+def test_compiled_vertex_trainer_is_a_custom_job_with_the_configs_worker_pools(tmp_path):
+    image = "europe-docker.pkg.dev/my-project/byol/byol-tf:test"
+    config = config_lib.load(SMOKE, VERTEX_TRAINING)
+    path = kubeflow_v2_runner.compile_pipeline(
+        config, str(tmp_path / "byol.json"), "byol-tf-smoke", image=image, pipeline_root="gs://bucket/root"
+    )
+    with open(path) as stream:
+        spec = json.load(stream)["pipelineSpec"]
+    args = spec["deploymentSpec"]["executors"]["Trainer_executor"]["container"]["args"]
+    assert args[args.index("--executor_class_path") + 1] == (
+        "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+    )
+    parameters = spec["root"]["dag"]["tasks"]["Trainer"]["inputs"]["parameters"]
+    custom = json.loads(parameters["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert config_lib.from_json(custom["config"]) == config  # run_fn still gets the whole experiment
+    assert custom["ai_platform_enable_vertex"] is True and custom["ai_platform_vertex_region"] == "europe-west4"
+    job = custom["ai_platform_training_args"]
+    assert job["project"] == "my-project"
+    machine = {"machine_type": "n1-standard-16", "accelerator_type": "NVIDIA_TESLA_T4", "accelerator_count": 2}
+    # One chief, two workers: Vertex names them chief / worker in TF_CONFIG (byol_tf.distribute).
+    assert job["job_spec"]["worker_pool_specs"] == [
+        {"machine_spec": machine, "replica_count": 1, "container_spec": {"image_uri": image}},
+        {"machine_spec": machine, "replica_count": 2, "container_spec": {"image_uri": image}},
+    ]
+    assert parameters["run_fn"]["runtimeValue"]["constantValue"]["stringValue"] == pipeline_lib.TRAINER_RUN_FN
+
+    # Local runs are unaffected: the same config trains in the Trainer's own step.
+    local = pipeline_lib.create_pipeline("p", str(tmp_path / "root"), config, push_destination="x")
+    trainer = next(component for component in local.components if component.id == "Trainer")
+    assert type(trainer).__module__ == "tfx.components.trainer.component"
+    assert "ai_platform_training_args" not in json.loads(trainer.exec_properties["custom_config"])
+
+
+def test_vertex_training_settings_are_validated():
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.project: is required"):
+        config_lib.load(SMOKE, ["vertex_training.enabled=true", "vertex_training.region=us-central1"])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.replica_count: 3 replicas .*multi_worker"):
+        config_lib.load(SMOKE, VERTEX_TRAINING[:-1])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.accelerator_count"):
+        config_lib.load(SMOKE, ["vertex_training.accelerator_type=NVIDIA_TESLA_T4"])
+    with pytest.raises(config_lib.ConfigError, match="vertex_training.accelerator_type: 'nvidia-t4'"):
+        config_lib.load(SMOKE, ["vertex_training.accelerator_type=nvidia-t4", "vertex_training.accelerator_count=1"])
 
 
 # ------------------------------------------------------------------ end to end
@@ -552,6 +685,21 @@ def test_rerun_reuses_cached_ingestion_and_validation_and_blesses_only_if_not_wo
     assert first.run_id != second.run_id != third.run_id
 
 
+@pytest.mark.slow
+def test_tfrecords_with_the_common_keys_run_through_the_pipeline_with_no_setting(tmp_path):
+    records = fx.coloured_records(str(tmp_path / "records"))
+    config = config_lib.load(
+        SMOKE,
+        ["data.source=tfrecord", f"data.path={records}", "data.holdout_examples=12",
+         "data.batch_size=12", "evaluation.linear_epochs=2"],
+    )
+    summary = local_runner.run(config, "byol-tf-records", output_dir=str(tmp_path / "out"), blessing_margin=-1.0)
+    for component in COMPONENTS:
+        assert summary.states[component] == ["COMPLETE"], component
+    assert (summary.linear_eval["num_train"], summary.linear_eval["num_test"]) == (36, 12)
+    assert summary.linear_eval["num_classes"] == CLASSES and summary.pushed_to
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -565,6 +713,21 @@ def test_cli_compile_writes_the_vertex_file(tmp_path, capsys):
     executors = json.loads(out.read_text())["pipelineSpec"]["deploymentSpec"]["executors"]
     args = executors["StatisticsGen_executor"]["container"]["args"]
     assert "--runner=DataflowRunner" in args
+
+
+def test_cli_pipeline_run_stops_at_ingestion_in_one_line_above_max_bad_fraction(tmp_path, capsys):
+    from byol_tfx.pipeline import cli
+
+    folder = fx.add_bad_files(fx.clean_folder(str(tmp_path / "images")))
+    code = cli.main(["run", "--config", SMOKE, "--output-dir", str(tmp_path / "out"), "--set", "data.source=folder",
+                     "--set", f"data.path={folder}", "--set", "data.holdout_examples=6"])
+    assert code == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("byol-tf-pipeline run: error:"))
+    # The same counts as byol-tf train (tests/test_checks.py), and where the report is.
+    assert "ingestion: dropped 7 of 39 records (17.95%), more than max_bad_fraction=1.00%" in line
+    assert "empty_file=1, not_an_image=3, corrupt_image=2, missing_label=1" in line and "ingestion_report.json" in line
+    assert "Traceback" not in err
 
 
 def test_cli_pipeline_run_rejects_a_bad_config_in_one_line(tmp_path, capsys):

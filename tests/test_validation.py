@@ -40,51 +40,48 @@ def validate(tmp_path, eval_records, schema):
 # ------------------------------------------------------------------ schema and detection
 
 
-def test_schema_pins_label_range_and_image_size(train_statistics):
-    schema = validation.infer_curated_schema(train_statistics, num_classes=10, image_size=fx.SIDE)
+def test_schema_pins_the_label_range_and_one_value_per_feature_not_the_size(train_statistics):
+    schema = validation.infer_curated_schema(train_statistics, num_classes=10)
     features = {feature.name: feature for feature in schema.feature}
     assert (features["label"].int_domain.min, features["label"].int_domain.max) == (0, 9)
     for name in ("height", "width"):
-        assert (features[name].int_domain.min, features[name].int_domain.max) == (fx.SIDE, fx.SIDE)
+        # Full-resolution images of any size: only a positive value, once per example.
+        assert features[name].int_domain.min == 1 and not features[name].int_domain.HasField("max")
+        assert features[name].presence.min_fraction == 1.0
     assert features["image"].type == schema_pb2.BYTES
     assert features["image"].presence.min_fraction == 1.0 and features["label"].presence.min_fraction == 1.0
 
 
 def test_num_classes_defaults_to_largest_train_label_plus_one(train_statistics):
-    schema = validation.infer_curated_schema(train_statistics, num_classes=None, image_size=0)
+    schema = validation.infer_curated_schema(train_statistics, num_classes=None)
     label = next(feature for feature in schema.feature if feature.name == "label")
     assert label.int_domain.max == CLASSES - 1
-    height = next(feature for feature in schema.feature if feature.name == "height")
-    assert not height.HasField("int_domain")  # image_size 0: sizes are not checked
 
 
-def test_clean_eval_split_has_no_anomaly(tmp_path, train_statistics):
-    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES, image_size=fx.SIDE)
-    assert validate(tmp_path, records(6), schema) == []
+def test_clean_eval_split_has_no_anomaly_whatever_the_image_sizes(tmp_path, train_statistics):
+    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES)
+    assert validate(tmp_path, records(6) + records(3, height=300, width=400), schema) == []
 
 
 def test_eval_label_outside_the_schema_range_is_an_anomaly(tmp_path, train_statistics):
-    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES, image_size=fx.SIDE)
+    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES)
     lines = validate(tmp_path, records(6, label=lambda i: 7 if i == 0 else 1), schema)
     assert lines == ["split 'eval', feature 'label': Out-of-range values (Unexpectedly large value: 7.)"]
 
 
-def test_images_of_another_size_are_an_anomaly(tmp_path, train_statistics):
-    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES, image_size=fx.SIDE)
-    lines = validate(tmp_path, records(6, height=16, width=16), schema)
-    assert lines == [
-        "split 'eval', feature 'height': Out-of-range values (Unexpectedly large value: 16.)",
-        "split 'eval', feature 'width': Out-of-range values (Unexpectedly large value: 16.)",
-    ]
+def test_an_image_without_size_is_an_anomaly(tmp_path, train_statistics):
+    schema = validation.infer_curated_schema(train_statistics, num_classes=CLASSES)
+    lines = validate(tmp_path, records(6, height=0), schema)
+    assert lines == ["split 'eval', feature 'height': Out-of-range values (Unexpectedly small value: 0.)"]
 
 
 def test_curation_needs_image_and_label_features():
     schema = schema_pb2.Schema()
     schema.feature.add(name="image", type=schema_pb2.BYTES)
     with pytest.raises(ValueError, match="no 'label' feature"):
-        validation.curate_schema(schema, num_classes=10, image_size=8)
+        validation.curate_schema(schema, num_classes=10)
     with pytest.raises(ValueError, match="no 'image' bytes feature"):
-        validation.curate_schema(schema_pb2.Schema(), num_classes=10, image_size=8)
+        validation.curate_schema(schema_pb2.Schema(), num_classes=10)
 
 
 def test_gate_message_names_split_feature_and_description():
@@ -105,7 +102,7 @@ def test_gate_message_names_split_feature_and_description():
 
 
 def test_validation_components_are_wired_in_order():
-    config = fx.config_json(image_size=28, source="mnist5k", num_classes=10)
+    config = fx.config_json(source="mnist5k", num_classes=10)
     example_gen = ImageExampleGen(config=config)
     parts = validation.validation_components(example_gen.outputs["examples"], config)
     assert list(parts) == ["statistics_gen", "schema_gen", "example_validator", "validation_gate"]
@@ -176,7 +173,7 @@ def test_injected_anomalies_stop_the_pipeline_at_the_gate(tmp_path):
     # Users' own TFRecords through ImportExampleGen: nothing fixes them on the way in.
     data = tmp_path / "data"
     fx.write_tfrecord(str(data / "train" / "part-0.gz"), records(12), gzip=True)
-    bad_eval = records(3, label=lambda i: 7 if i == 0 else 1) + records(3, height=16)
+    bad_eval = records(3, label=lambda i: 7 if i == 0 else 1) + records(3, height=0)
     fx.write_tfrecord(str(data / "eval" / "part-0.gz"), bad_eval, gzip=True)
     example_gen = import_example_gen(str(data), "train/*", "eval/*")
 
@@ -185,7 +182,7 @@ def test_injected_anomalies_stop_the_pipeline_at_the_gate(tmp_path):
     message = str(error.value)
     assert "ExampleValidator found 2 anomalies; the pipeline stops before training" in message
     assert "split 'eval', feature 'label': Out-of-range values (Unexpectedly large value: 7.)" in message
-    assert "split 'eval', feature 'height': Out-of-range values (Unexpectedly large value: 16.)" in message
+    assert "split 'eval', feature 'height': Out-of-range values (Unexpectedly small value: 0.)" in message
     # Validation ran; the gate and everything that needs its output did not complete.
     assert executed_components(str(tmp_path)) == [
         "ExampleValidator",
