@@ -185,7 +185,7 @@ def test_killed_half_way_then_rerun_leaves_no_partial_output_and_ends_equal(tmp_
 
     rerun = subprocess.run(_embed_command(mnist_export, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming after {len(kept)} finished parts ({len(kept) * KILL_PART_ROWS} of 1000 images)" in rerun.stderr
+    assert f"resuming after {len(kept)} finished parts ({len(kept) * KILL_PART_ROWS} of 1000 images)" in rerun.stdout
     assert not os.path.exists(partial)
 
     resumed, uninterrupted = embed.read(out), embed.read(mnist_test_embeddings)
