@@ -10,6 +10,8 @@ In-process switches build one model per setting and alternate their steps (A B A
 - `jit`: `jit_compile` off / on (one device).
 - `precision`: float32 / mixed_bfloat16 (Keras dtype policy; CPUs with AVX512-BF16 or AMX
   may gain, others lose).
+- `fused_bn`: BatchNorm by TensorFlow's fused kernel (`networks.FusedBatchNormalization`,
+  the library's layer) / Keras' own ops (`keras.layers.BatchNormalization`).
 - `sync_bn`: `network.sync_batchnorm` true / false on ONE device. Keras' synchronized BN
   takes a slower path (sums, an all-reduce and a full-size `ones_like` count per layer)
   whenever a replica context exists, which includes the default strategy.
@@ -32,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from benchmarks import common
 
@@ -41,8 +44,9 @@ import keras  # noqa: E402  (after the environment is set)
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import input_pipeline, presets, tfmodel  # noqa: E402
+from byol_tf import networks  # noqa: E402
 
-IN_PROCESS = ("jit", "precision", "sync_bn")
+IN_PROCESS = ("jit", "precision", "fused_bn", "sync_bn")
 SWITCHES = (*IN_PROCESS, "onednn", "interop", "tfdata")
 
 
@@ -56,6 +60,8 @@ def settings(switch: str, config) -> dict:
         return _current_first(current, ("off", "on"), lambda name, on: ((), {"jit_compile": on}))
     if switch == "precision":
         return {"float32": ((), {"precision": "float32"}), "mixed_bfloat16": ((), {"precision": "mixed_bfloat16"})}
+    if switch == "fused_bn":
+        return {"fused": ((), {}), "keras": ((), {"batch_norm": keras.layers.BatchNormalization})}
     if switch == "sync_bn":
         current = tfmodel.sync_batchnorm(config)  # what training builds here
         return _current_first(current, ("false", "true"), lambda name, on: ((f"network.sync_batchnorm={name}",), {}))
@@ -79,7 +85,9 @@ def in_process(switch: str, args, base_overrides) -> list[dict]:
         jit_of[name] = jit_compile
         keras.utils.set_random_seed(0)
         try:
-            model = tfmodel.build(config, jit_compile, options.get("precision"), one_replica_rule=switch != "sync_bn")
+            # `networks._batch_norm` looks its class up when called: the Keras layer for "keras".
+            with mock.patch.object(networks, "FusedBatchNormalization", options.get("batch_norm", networks.FusedBatchNormalization)):
+                model = tfmodel.build(config, jit_compile, options.get("precision"), one_replica_rule=switch != "sync_bn")
             batch = tfmodel.synthetic_batch(args.batch, args.size, tfmodel.num_classes(config))
             step = tfmodel.train_step_function(model, tf.data.Dataset.from_tensors(batch).repeat())
             step()  # traces / compiles; a setting the machine cannot run fails here

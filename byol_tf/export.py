@@ -51,7 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment, checks, fileio, serving
+from byol_tf import augment, checks, fileio, networks, serving
 from byol_tf import config as config_lib
 
 ENCODER_FILE = "encoder.keras"
@@ -201,7 +201,7 @@ def export_encoder(
             },
         )
         serving.write_warmup_requests(staging, warmup_requests())
-        encoder.save(fileio.join(staging, ENCODER_FILE))
+        networks.portable_copy(encoder).save(fileio.join(staging, ENCODER_FILE))
         if config is not None:
             config_lib.save(config, fileio.join(staging, CONFIG_FILE))
         if metrics is not None:

@@ -17,6 +17,9 @@ and 'gamma' in a variable's path. No layer name here contains those substrings.
 
 All BatchNorm layers follow `NetworkConfig`: Keras `momentum` is the reference's decay
 (0.9), `epsilon` 1e-5, and `synchronized` averages batch statistics across replicas.
+They are `FusedBatchNormalization`: Keras' layer, computed by TensorFlow's fused kernel on
+feature maps. Saved `.keras` files hold standard Keras layers (`portable_copy`), so they
+load without byol-tf.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from typing import Callable
 
 import keras
+import tensorflow as tf
 
 from byol_tf.config import NetworkConfig
 
@@ -123,8 +127,77 @@ def build_mlp(
     return keras.Sequential(layers, name=name)
 
 
+@keras.saving.register_keras_serializable(package="byol_tf")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` that runs TensorFlow's fused kernel on [B, H, W, C].
+
+    Keras 3 normalises with separate ops (moments, subtract, scale, shift; and their
+    gradients); TensorFlow's `FusedBatchNormV3` does the same arithmetic in one kernel
+    (oneDNN on CPU, cuDNN on GPU, fused by XLA too). Same variables, same statistics in
+    float32 under mixed precision, the same moving-statistics update as Keras (with the
+    biased batch variance: the kernel's own running variance is unbiased, so it is
+    rescaled). Inputs the kernel does not cover (2-D heads, masks, BN synchronised across
+    replicas, renormalisation, a channel axis other than the last) take Keras' path.
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        return (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and not self.synchronized
+            and not self.renorm
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)
+        channels = x.shape[-1]
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
+        if training and self.trainable:
+            outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, epsilon=self.epsilon, is_training=True
+            )
+            count = tf.cast(tf.size(x) // channels, tf.float32)
+            variance = tf.where(count > 1.0, unbiased_variance * ((count - 1.0) / count), tf.zeros_like(unbiased_variance))
+            momentum = self.momentum
+            self.moving_mean.assign(self.moving_mean * momentum + tf.cast(mean, self.moving_mean.dtype) * (1.0 - momentum))
+            self.moving_variance.assign(
+                self.moving_variance * momentum + tf.cast(variance, self.moving_variance.dtype) * (1.0 - momentum)
+            )
+        else:
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x,
+                gamma,
+                beta,
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
+                epsilon=self.epsilon,
+                is_training=False,
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+
+def portable_copy(model: keras.Model) -> keras.Model:
+    """A copy of `model` with the same weights whose layers are all standard Keras layers
+    (each `FusedBatchNormalization` a `keras.layers.BatchNormalization`, which computes the
+    same): what byol-tf saves, so `keras.models.load_model` needs no byol-tf import."""
+
+    def clone(layer):
+        if isinstance(layer, FusedBatchNormalization):
+            return keras.layers.BatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _batch_norm(config: NetworkConfig, name: str, gamma_initializer="ones") -> keras.layers.BatchNormalization:
-    return keras.layers.BatchNormalization(
+    return FusedBatchNormalization(
         momentum=config.batchnorm_momentum,
         epsilon=config.batchnorm_epsilon,
         synchronized=config.sync_batchnorm,

@@ -263,11 +263,12 @@ def train(
 
 
 def save_keras_atomically(model: keras.Model, path: str) -> None:
-    """`model.save(path)` to a temporary `.keras` file beside `path`, then renamed over it:
-    a kill never leaves a half-written file where a reader looks."""
+    """Saves `model` (as standard Keras layers, `networks.portable_copy`) to a temporary
+    `.keras` file beside `path`, then renames it over `path`: a kill never leaves a
+    half-written file where a reader looks."""
     temporary = fileio.join(fileio.dirname(path), f".{fileio.basename(path)}.{uuid.uuid4().hex[:8]}.keras")
     try:
-        model.save(temporary)
+        networks.portable_copy(model).save(temporary)
         tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
         fileio.remove(temporary)

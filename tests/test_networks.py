@@ -99,7 +99,7 @@ def test_mlp_is_linear_bn_relu_linear_without_output_bn():
     kinds = [type(layer) for layer in mlp.layers]
     assert kinds == [
         keras.layers.Dense,
-        keras.layers.BatchNormalization,
+        networks.FusedBatchNormalization,  # on [B, C] it takes Keras' own path
         keras.layers.ReLU,
         keras.layers.Dense,
     ]
@@ -415,3 +415,77 @@ def test_bottleneck_conv_init_is_the_references_fan_in_truncated_normal(encoders
     assert np.abs(kernel).max() <= 2 * stddev
     # A normal truncated at +-2 sigma keeps 0.88 of its standard deviation.
     np.testing.assert_allclose(kernel.std(), 0.8796 * stddev, rtol=0.02)
+
+
+# ------------------------------------------------------------------ fused BatchNorm
+
+
+def _bn_pair(shape, **settings):
+    """A FusedBatchNormalization and a Keras BatchNormalization with equal, non-trivial weights."""
+    layers = []
+    for cls in (networks.FusedBatchNormalization, keras.layers.BatchNormalization):
+        layer = cls(momentum=0.8, epsilon=2e-3, **settings)
+        layer.build(shape)
+        channels = shape[-1]
+        layer.gamma.assign(np.linspace(0.5, 2.0, channels))
+        layer.beta.assign(np.linspace(-1.0, 1.0, channels))
+        layer.moving_mean.assign(np.linspace(-0.3, 0.3, channels))
+        layer.moving_variance.assign(np.linspace(0.5, 1.5, channels))
+        layers.append(layer)
+    return layers
+
+
+def _forward_and_gradients(layer, x, training):
+    import tensorflow as tf
+
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = layer(inputs, training=training)
+        loss = tf.reduce_sum(outputs * tf.sin(outputs))  # any loss whose gradient varies per element
+    gradients = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+    return outputs.numpy(), [g.numpy() for g in gradients]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 5, 5, 4), (2, 1, 1, 3), (8, 16)])
+def test_fused_batchnorm_computes_what_keras_batchnorm_computes(training, shape):
+    # Outputs, gradients of input / gamma / beta and the moving statistics after the call all
+    # equal Keras' own layer: on feature maps through the fused kernel (its unbiased running
+    # variance rescaled to Keras' biased one), on [B, C] through Keras' path.
+    x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype("float32")
+    fused, reference = _bn_pair(shape)
+    out_f, grads_f = _forward_and_gradients(fused, x, training)
+    out_r, grads_r = _forward_and_gradients(reference, x, training)
+    np.testing.assert_allclose(out_f, out_r, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_f, grads_r):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(fused.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-5)
+    if training:  # the statistics moved by (1 - momentum) towards the batch's biased moments
+        axes = tuple(range(len(shape) - 1))
+        expected = 0.8 * np.linspace(0.5, 1.5, shape[-1]) + 0.2 * x.var(axis=axes)
+        np.testing.assert_allclose(fused.moving_variance.numpy(), expected, rtol=1e-5)
+
+
+def test_every_encoder_batchnorm_is_fused(encoders):
+    for encoder in encoders.values():
+        norms = _batch_norms(encoder)
+        assert norms and all(isinstance(layer, networks.FusedBatchNormalization) for layer in norms)
+
+
+def test_portable_copy_has_keras_layers_only_and_the_same_outputs(tmp_path, encoders):
+    import zipfile
+
+    from byol_tf import training
+
+    encoder = encoders["small_convnet"]
+    path = str(tmp_path / "encoder.keras")
+    training.save_keras_atomically(encoder, path)
+    with zipfile.ZipFile(path) as archive:
+        saved_config = archive.read("config.json").decode()
+    assert "byol_tf" not in saved_config and "FusedBatchNormalization" not in saved_config
+    loaded = keras.models.load_model(path, compile=False)
+    assert all(type(layer) is keras.layers.BatchNormalization for layer in _batch_norms(loaded))
+    images = np.random.default_rng(1).uniform(0, 1, (4, 28, 28, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(images, training=False), encoder(images, training=False), rtol=1e-5, atol=1e-5)
