@@ -96,16 +96,27 @@ def _view2_defaults() -> ViewConfig:
     return ViewConfig(blur_prob=0.1, solarize_prob=0.2)
 
 
+AUGMENT_PLACEMENTS = ("auto", "host", "device")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Image size fed to the encoder and the two asymmetric view distributions."""
+    """Image size fed to the encoder, the two asymmetric view distributions, and where they run.
+
+    placement: `host` runs the whole augmentation in the `tf.data` pipeline; `device` runs
+    decoding, crops and flips there, and colour jitter, grayscale, blur and solarisation
+    batched inside the train step on the accelerator, with the same per-image parameters;
+    `auto` is `device` when TensorFlow sees a GPU or TPU, else `host`.
+    """
 
     image_size: int = 32
     view1: ViewConfig = dataclasses.field(default_factory=ViewConfig)
     view2: ViewConfig = dataclasses.field(default_factory=_view2_defaults)
+    placement: str = "auto"
 
     def validate(self, prefix: str):
         _check_range(f"{prefix}.image_size", self.image_size, 8, 1024)
+        _check_choice(f"{prefix}.placement", self.placement, AUGMENT_PLACEMENTS)
         self.view1.validate(f"{prefix}.view1")
         self.view2.validate(f"{prefix}.view2")
 
