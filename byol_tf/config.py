@@ -147,6 +147,11 @@ class DataConfig:
     check_cache_dir: where the one check pass over a folder / TFRecord source is cached, by
     the source's fingerprint (any tf.io.gfile path); None: $BYOL_TF_CACHE_DIR, else
     ~/.cache/byol-tf.
+    service_address: `grpc://host:port` of a tf.data service dispatcher: the pretraining
+    input is then built by the service's workers (`tf.data.experimental.service.distribute`,
+    processing mode `parallel_epochs`, see `byol_tf.data.make_pretraining_dataset`), for
+    hosts whose CPUs cannot keep the accelerators fed. Batches are then random, not
+    reproducible from `seed`: `train.deterministic` and exact resumes do not hold for the input.
     """
 
     source: str = "mnist5k"
@@ -169,6 +174,7 @@ class DataConfig:
     max_image_side: int | None = None
     max_bad_fraction: float = 0.01
     check_cache_dir: str | None = None
+    service_address: str | None = None
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.source", self.source, DATA_SOURCES)
@@ -197,6 +203,8 @@ class DataConfig:
         if self.max_image_side is not None:
             _check_range(f"{prefix}.max_image_side", self.max_image_side, 8, 65536)
         _check_range(f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        if self.service_address is not None and not re.fullmatch(r"grpc://[^\s:/]+:\d{1,5}", self.service_address):
+            _fail(f"{prefix}.service_address", f"expected 'grpc://host:port', got {self.service_address!r}")
 
 
 # The ImageNet ResNets with bottleneck blocks (byol_tf.networks builds them in the library).

@@ -492,8 +492,9 @@ def pretraining_dataset(
         seed = secrets.randbits(31)
     parallel = _parallel(num_parallel_calls)
     # Independent stateless key streams for per-image crops and per-batch transforms.
-    crop_key = tf.constant([seed, 1], tf.int64)
-    batch_key = tf.constant([seed, 2], tf.int64)
+    seed = tf.cast(seed, tf.int64)  # an int, or a tensor (`_per_worker_stream`)
+    crop_key = tf.stack([seed, tf.constant(1, tf.int64)])
+    batch_key = tf.stack([seed, tf.constant(2, tf.int64)])
 
     def key(base, counter):
         return tf.random.experimental.stateless_fold_in(base, counter)
@@ -614,14 +615,48 @@ def make_pretraining_dataset(
         # Distinct shuffles and augmentations per pipeline, still fixed by data.seed.
         sequence = np.random.SeedSequence([data.seed, input_context.input_pipeline_id])
         seed = int(sequence.generate_state(1)[0] >> 1)
-    return pretraining_dataset(
-        images,
-        cfg.augment,
-        batch,
-        seed,
-        shuffle_buffer=data.shuffle_buffer,
-        num_parallel_calls=data.num_parallel_calls,
-        cache=data.cache,
-        max_image_side=data.max_image_side,
-        placement=augment.resolve_placement(cfg.augment.placement),
-    )
+
+    def build(seed):
+        return pretraining_dataset(
+            images,
+            cfg.augment,
+            batch,
+            seed,
+            shuffle_buffer=data.shuffle_buffer,
+            num_parallel_calls=data.num_parallel_calls,
+            cache=data.cache,
+            max_image_side=data.max_image_side,
+            placement=augment.resolve_placement(cfg.augment.placement),
+        )
+
+    if data.service_address is None:
+        return build(seed)
+    return _per_worker_stream(build).apply(
+        tf.data.experimental.service.distribute(processing_mode="parallel_epochs", service=data.service_address)
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+def _per_worker_stream(build) -> tf.data.Dataset:
+    """`build(seed)` with a seed drawn by each tf.data service worker when it starts.
+
+    Why "parallel_epochs": every worker runs the whole pipeline and the trainer takes
+    batches from whichever worker has one ready. "distributed_epoch" would hand each worker
+    disjoint source splits, but each worker's crop and transform keys would count from 0
+    alike, so workers would give equal augmentation parameters to different images, and
+    cache / zip do not split. With a seed of its own (the worker's start time in
+    microseconds: anything fixed when the dataset is defined would be the same on every
+    worker) each worker is an independent shuffled, augmented stream. The trainer's order
+    then depends on timing: no determinism, and a resumed run gets fresh batches.
+    """
+    start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+    seeds = start.map(lambda _: tf.cast(tf.timestamp() * 1e6, tf.int64) % (2**31))
+
+    @tf.autograph.experimental.do_not_convert
+    def build_in_graph(seed):
+        # tf.data's shuffle compares (global seed, its seed) with (0, 0) in Python, which
+        # needs a tensor seed's value when the global seed is 0: this function's graph
+        # drops the global seed (only the shuffle reads it; the augmentation is stateless).
+        tf.compat.v1.get_default_graph().seed = None
+        return build(seed)
+
+    return seeds.flat_map(build_in_graph)

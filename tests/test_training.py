@@ -124,3 +124,23 @@ def test_smoke_fit_on_jpegs_with_augmentation_placed_on_the_device(tmp_path):
     assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])
     assert result.model.augment == cfg.augment
     assert glob.glob(str(tmp_path / "run" / "logs" / "views" / "events.out.tfevents.*"))  # views finished by the model
+
+
+def test_smoke_training_through_a_tf_data_service_with_two_workers(tmp_path):
+    from byol_tf import data
+
+    dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=0))
+    address = dispatcher.target.split("://")[1]
+    workers = [
+        tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
+        for _ in range(2)
+    ]
+    cfg = config.load(
+        SMOKE, [f"data.service_address={dispatcher.target}", "train.verbose=0", "evaluation.projector_images=0"]
+    )
+    batch = next(iter(data.make_pretraining_dataset(cfg)))
+    assert batch["view1"].shape == (32, 28, 28, 3)
+    result = training.train(cfg, run_dir=str(tmp_path / "run"))
+    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])
+    for server in (*workers, dispatcher):
+        server.stop()
