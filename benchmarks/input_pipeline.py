@@ -113,9 +113,13 @@ class StepTimer(keras.callbacks.Callback):
         self._last = now
 
 
-def fit_live_versus_cached(config, jit_compile, live, steps: int, rounds: int) -> dict:
-    """Alternates `fit` on pre-made cached views and on the live pipeline; per-step seconds."""
-    model = tfmodel.build(config, jit_compile)
+def fit_live_versus_cached(config, jit_compile, live, steps: int, rounds: int, precision: str | None = None) -> dict:
+    """Alternates `fit` on pre-made cached views and on the live pipeline; per-step seconds.
+
+    With `augment.placement: device` the cached batches are crops and parameters: both fits
+    then include the augmentation in the step, and only the host's share differs.
+    """
+    model = tfmodel.build(config, jit_compile, precision)
     # Views made once, before timing, and replayed from memory: no augmentation cost.
     made = list(live().take(min(steps + 1, 8)))
     stacked = {key: tf.stack([batch[key] for batch in made]) for key in made[0]}

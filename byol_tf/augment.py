@@ -22,7 +22,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from byol_tf.config import AugmentConfig, ViewConfig
+from byol_tf.config import AUGMENT_PLACEMENTS, AugmentConfig, ViewConfig
 
 # ITU-R 601-2 luma, as in the reference and tf.image.rgb_to_grayscale.
 _GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -165,23 +165,11 @@ def crop_and_resize_boxes(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.
     # centres) would put them: a whole-image box at the input size is then the identity.
     # Clamping to the image keeps small up-sampled crops at the border from reading the
     # zero extrapolation value (shifts their border samples by under half a source pixel).
-    top, left, bottom, right = tf.unstack(boxes, axis=1)
-    half_y = 0.5 * (bottom - top) * height / size
-    half_x = 0.5 * (right - left) * width / size
     y_scale = tf.maximum(height - 1.0, 1.0)
     x_scale = tf.maximum(width - 1.0, 1.0)
+    top, left, bottom, right = _sample_centres(boxes, height, width, size)
     sample_boxes = tf.clip_by_value(
-        tf.stack(
-            [
-                (top * height + half_y - 0.5) / y_scale,
-                (left * width + half_x - 0.5) / x_scale,
-                (bottom * height - half_y - 0.5) / y_scale,
-                (right * width - half_x - 0.5) / x_scale,
-            ],
-            axis=1,
-        ),
-        0.0,
-        1.0,
+        tf.stack([top / y_scale, left / x_scale, bottom / y_scale, right / x_scale], axis=1), 0.0, 1.0
     )
     # Deviation from the paper: bilinear instead of bicubic resampling, because
     # crop_and_resize (one fused op for per-image boxes) offers only bilinear / nearest.
@@ -191,6 +179,98 @@ def crop_and_resize_boxes(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.
     if images.dtype.is_integer:
         crops = crops / float(images.dtype.max)
     return tf.clip_by_value(crops, 0.0, 1.0)
+
+
+def _sample_centres(boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int):
+    """Pixel positions (first row, first column, last row, last column) of the output pixel
+    centres of box b, before clamping to the image: see `crop_and_resize_boxes`."""
+    top, left, bottom, right = tf.unstack(boxes, axis=1)
+    half_y = 0.5 * (bottom - top) * height / size
+    half_x = 0.5 * (right - left) * width / size
+    return (
+        top * height + half_y - 0.5,
+        left * width + half_x - 0.5,
+        bottom * height - half_y - 0.5,
+        right * width - half_x - 0.5,
+    )
+
+
+# Extra pixels decoded around the samples a crop reads: a JPEG window's outermost columns
+# can differ from the whole image's (chroma upsampling sees no neighbour there), and float
+# rounding of window-relative positions may step just past a sampled pixel.
+_WINDOW_MARGIN = 2
+
+
+@_no_autograph
+def crop_window(box: tf.Tensor, height, width, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The pixel window that `crop_and_resize_boxes(image, box[None], size)` reads, and the box
+    that crops the same samples from that window alone.
+
+    Args:
+        box: float32 [4] (y_min, x_min, y_max, x_max) as fractions of the image's extent.
+        height: image height in pixels (scalar).
+        width: image width in pixels.
+        size: output height and width.
+
+    Returns:
+        (window int32 [4]: (top row, left column, rows, columns) inside the image, as
+        `tf.image.decode_and_crop_jpeg` takes it; box float32 [4] relative to that window).
+    """
+    height = tf.cast(height, tf.float32)
+    width = tf.cast(width, tf.float32)
+    top, left, bottom, right = (
+        tf.clip_by_value(position, 0.0, limit - 1.0)
+        for position, limit in zip(_sample_centres(box[None], height, width, size), (height, width) * 2)
+    )
+    margin = float(_WINDOW_MARGIN)
+    y0 = tf.maximum(tf.floor(top[0]) - margin, 0.0)
+    x0 = tf.maximum(tf.floor(left[0]) - margin, 0.0)
+    y1 = tf.minimum(tf.math.ceil(bottom[0]) + margin, height - 1.0)
+    x1 = tf.minimum(tf.math.ceil(right[0]) + margin, width - 1.0)
+    rows, columns = y1 - y0 + 1.0, x1 - x0 + 1.0
+    y_scale = tf.maximum(rows - 1.0, 1.0)
+    x_scale = tf.maximum(columns - 1.0, 1.0)
+    window_box = tf.clip_by_value(
+        tf.stack([(top[0] - y0) / y_scale, (left[0] - x0) / x_scale, (bottom[0] - y0) / y_scale, (right[0] - x0) / x_scale]),
+        0.0,
+        1.0,
+    )
+    window = tf.cast(tf.stack([y0, x0, rows, columns]), tf.int32)
+    return window, window_box
+
+
+@_no_autograph
+def decode_and_random_resized_crop(
+    encoded: tf.Tensor,
+    size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    seed: tf.Tensor,
+) -> tf.Tensor:
+    """`random_resized_crop` of one JPEG image that decodes only the crop's window.
+
+    The box is drawn from the header's height and width with the same seed, so it is the
+    box `random_resized_crop(decode(encoded)[None], ...)` draws; the window around the
+    pixels that box samples is decoded (`tf.image.decode_and_crop_jpeg`) and resized with
+    the same sample positions, so the crop equals the whole-image path's up to float
+    rounding of the positions.
+
+    Args:
+        encoded: scalar string tensor, JPEG bytes.
+        size: output height and width.
+        scale: (min, max) fraction of the image area kept.
+        ratio: (min, max) aspect ratio (width / height) of the crop.
+        seed: int tensor of shape [2].
+
+    Returns:
+        float32 [size, size, 3] in [0, 1].
+    """
+    shape = tf.image.extract_jpeg_shape(encoded)
+    box = sample_crop_boxes(1, shape[0], shape[1], scale, ratio, seed)[0]
+    window, window_box = crop_window(box, shape[0], shape[1], size)
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    crop = tf.image.crop_and_resize(image[None], window_box[None], [0], [size, size], method="bilinear")
+    return tf.clip_by_value(crop[0] / 255.0, 0.0, 1.0)
 
 
 @_no_autograph
@@ -300,14 +380,27 @@ def sample_view_params(batch_size, view: ViewConfig, seed: tf.Tensor) -> dict[st
 
 
 @_no_autograph
-def apply_view_params(images: tf.Tensor, params: dict[str, tf.Tensor], view: ViewConfig) -> tf.Tensor:
+def apply_view_params(
+    images: tf.Tensor,
+    params: dict[str, tf.Tensor],
+    view: ViewConfig,
+    *,
+    flip: bool = True,
+    static_shapes: bool = False,
+) -> tf.Tensor:
     """Applies flip, colour jitter, grayscale, blur and solarise with given parameters.
 
     Args:
         images: [B, S, S, C] uint8 or float in [0, 1], C in {1, 3}; S must be static
             (it sets the blur kernel size).
-        params: from `sample_view_params` for the same batch size.
+        params: from `sample_view_params` for the same batch size (`flip` may be absent
+            when `flip` is False).
         view: the view distribution (its magnitudes decide which ops can be skipped).
+        flip: apply the flips (False: the images were flipped already, `host_views`).
+        static_shapes: compute each op on the whole batch and select per image, instead of
+            partitioning the batch and computing each op only where it applies. Same values;
+            more arithmetic but no data-dependent shapes, which XLA (`jit_compile`) needs
+            and accelerators prefer.
 
     Returns:
         float32 [B, S, S, 3] in [0, 1].
@@ -317,20 +410,26 @@ def apply_view_params(images: tf.Tensor, params: dict[str, tf.Tensor], view: Vie
     def per_image(mask):
         return mask[:, None, None, None]
 
-    images = tf.where(per_image(params["flip"]), tf.reverse(images, axis=[2]), images)
+    if flip:
+        images = tf.where(per_image(params["flip"]), tf.reverse(images, axis=[2]), images)
     if view.color_jitter_prob > 0:
-        images = _color_jitter(images, params, view)
+        jitter = _color_jitter_static if static_shapes else _color_jitter
+        images = jitter(images, params, view)
     if view.grayscale_prob > 0:
         images = tf.where(per_image(params["grayscale"]), _grayscale(images), images)
     if view.blur_prob > 0:
         radius = _blur_radius(images.shape[1])
         if radius > 0:
-            images = _apply_where(
-                params["blur"],
-                lambda x, sigma: gaussian_blur(x, sigma, radius),
-                images,
-                params["blur_sigma"],
-            )
+            if static_shapes:
+                blurred = gaussian_blur(images, params["blur_sigma"], radius)
+                images = tf.where(per_image(params["blur"]), blurred, images)
+            else:
+                images = _apply_where(
+                    params["blur"],
+                    lambda x, sigma: gaussian_blur(x, sigma, radius),
+                    images,
+                    params["blur_sigma"],
+                )
     if view.solarize_prob > 0:
         solarized = tf.where(images >= view.solarize_threshold, 1.0 - images, images)
         images = tf.where(per_image(params["solarize"]), solarized, images)
@@ -365,6 +464,20 @@ def crop_views(images: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor) -> tu
 
 
 @_no_autograph
+def jpeg_crop_views(encoded: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`crop_views` of one JPEG image, decoding only each view's window: float32 [S, S, 3] each.
+
+    Same seeds, same boxes as `crop_views(decode(encoded)[None], augment, seed)`.
+    """
+    seed1, seed2 = tf.unstack(_split(seed, 2))
+    size = augment.image_size
+    return (
+        decode_and_random_resized_crop(encoded, size, augment.view1.crop_scale, augment.view1.crop_ratio, seed1),
+        decode_and_random_resized_crop(encoded, size, augment.view2.crop_scale, augment.view2.crop_ratio, seed2),
+    )
+
+
+@_no_autograph
 def transform_views(
     crop1: tf.Tensor, crop2: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -389,6 +502,101 @@ def two_views(images: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor) -> tup
     crop_seed, transform_seed = tf.unstack(_split(seed, 2))
     crop1, crop2 = crop_views(images, augment, crop_seed)
     return transform_views(crop1, crop2, augment, transform_seed)
+
+
+# ---------------------------------------------------------- augmentation placement
+
+PLACEMENTS = AUGMENT_PLACEMENTS
+# The per-image parameters `host_views` packs, one float32 column each (flags as 0 / 1,
+# the jitter order as 4 integer-valued columns); the flip is applied on the host.
+_PACKED_FLOATS = ("jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "blur_sigma", "solarize")
+_PACKED_FLAGS = ("jitter", "grayscale", "blur", "solarize")
+PACKED_PARAMS = len(_PACKED_FLOATS) + _NUM_JITTER_OPS
+
+
+def resolve_placement(placement: str) -> str:
+    """`augment.placement` made concrete: "auto" is "device" when TensorFlow sees a GPU or a
+    TPU, else "host"."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"augment.placement: {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if placement != "auto":
+        return placement
+    accelerators = tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+    return "device" if accelerators else "host"
+
+
+def pack_view_params(params: dict[str, tf.Tensor]) -> tf.Tensor:
+    """`sample_view_params`' output but the flip as one float32 [B, PACKED_PARAMS] tensor."""
+    columns = [tf.cast(params[name], tf.float32)[:, None] for name in _PACKED_FLOATS]
+    columns.append(tf.cast(params["jitter_order"], tf.float32))
+    return tf.concat(columns, axis=1)
+
+
+def unpack_view_params(packed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Inverse of `pack_view_params` (without "flip")."""
+    packed = tf.convert_to_tensor(packed, tf.float32)
+    count = len(_PACKED_FLOATS)
+    params = {name: packed[:, index] for index, name in enumerate(_PACKED_FLOATS)}
+    for name in _PACKED_FLAGS:
+        params[name] = params[name] > 0.5
+    params["jitter_order"] = tf.cast(tf.round(packed[:, count:]), tf.int32)
+    return params
+
+
+def to_uint8(images: tf.Tensor) -> tf.Tensor:
+    """Float images in [0, 1] rounded to uint8."""
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+@_no_autograph
+def host_views(
+    crop1: tf.Tensor, crop2: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """The host's share of `transform_views` when augmentation runs on the accelerator.
+
+    Draws each view's per-image parameters exactly as `transform_views` does (same seed,
+    same sub-seeds), applies the flips, and returns the crops as uint8 with the remaining
+    parameters packed beside them; `device_views` applies the rest. Parameters travel with
+    the batch rather than seeds: a split over replicas or micro-batches slices them with
+    their images, and the accelerator draws no random numbers (its random-number algorithm
+    may differ from the host's).
+
+    Args:
+        crop1, crop2: [B, S, S, C] uint8 or float in [0, 1], each view's crops.
+        augment: the two view distributions.
+        seed: int tensor of shape [2] (`transform_views`' seed).
+
+    Returns:
+        {"crop1", "crop2": uint8 [B, S, S, 3] (flipped), "params1", "params2": float32
+        [B, PACKED_PARAMS]}.
+    """
+    out = {}
+    seeds = tf.unstack(_split(seed, 2))
+    for index, (crops, view, view_seed) in enumerate(
+        ((crop1, augment.view1, seeds[0]), (crop2, augment.view2, seeds[1])), start=1
+    ):
+        images = to_float_rgb(crops)
+        params = sample_view_params(tf.shape(images)[0], view, view_seed)
+        images = tf.where(params["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
+        out[f"crop{index}"] = to_uint8(images)
+        out[f"params{index}"] = pack_view_params(params)
+    return out
+
+
+@_no_autograph
+def device_views(batch: dict[str, tf.Tensor], augment: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """The accelerator's share: colour jitter, grayscale, blur and solarise of `host_views`'
+    batch, with static shapes (XLA). Returns (view1, view2), float32 [B, S, S, 3] in [0, 1]."""
+    return tuple(
+        apply_view_params(
+            batch[f"crop{index}"],
+            unpack_view_params(batch[f"params{index}"]),
+            view,
+            flip=False,
+            static_shapes=True,
+        )
+        for index, view in ((1, augment.view1), (2, augment.view2))
+    )
 
 
 # ------------------------------------------------------------------------ colour ops
@@ -462,6 +670,23 @@ def _color_jitter(images: tf.Tensor, params: dict[str, tf.Tensor], view: ViewCon
         outputs.append(image_parts[identity])
         images = tf.dynamic_stitch(index_parts, outputs)
         images = tf.ensure_shape(images, static_shape)
+    return images
+
+
+def _color_jitter_static(images: tf.Tensor, params: dict[str, tf.Tensor], view: ViewConfig) -> tf.Tensor:
+    """`_color_jitter` with every op computed on the whole batch at each step and the
+    image's own op selected: the same values, with static shapes."""
+    static_shape = images.shape
+    for step in range(_NUM_JITTER_OPS):
+        op = tf.where(params["jitter"], params["jitter_order"][:, step], _NUM_JITTER_OPS)[:, None, None, None]
+        result = images
+        for op_index in range(_NUM_JITTER_OPS):
+            name, function = _JITTER_FUNCTIONS[op_index]
+            if getattr(view, name) == 0:
+                continue
+            adjusted = tf.clip_by_value(function(images, params[name]), 0.0, 1.0)
+            result = tf.where(tf.equal(op, op_index), adjusted, result)
+        images = tf.ensure_shape(result, static_shape)
     return images
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from byol_tf import augment as augment_lib
 from byol_tf import losses, schedules
+from byol_tf.config import AugmentConfig
 
 
 def _cross_replica_sum(values):
@@ -175,6 +177,9 @@ class BYOLModel(keras.Model):
             micro-batches and applies their summed gradients once; BN moving statistics and
             the target EMA also step once. Without BN the update equals that of the whole
             batch; with BN each micro-batch normalises with its own statistics.
+        augment: the view distributions, for batches whose augmentation finishes on the
+            accelerator ({"crop1", "crop2", "params1", "params2"}, `augment.placement:
+            device`); batches of {"view1", "view2"} need none.
     """
 
     def __init__(
@@ -187,9 +192,11 @@ class BYOLModel(keras.Model):
         tau_base: float = 0.996,
         num_classes: int | None = None,
         gradient_accumulation_steps: int = 1,
+        augment: AugmentConfig | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.augment = augment
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if gradient_accumulation_steps < 1:
@@ -280,7 +287,22 @@ class BYOLModel(keras.Model):
         """The EMA decay at optimizer step `step` (cosine from tau_base to 1)."""
         return schedules.tau(step, self.total_steps, self.tau_base)
 
+    def views(self, data):
+        """The batch with its two views: as given, or finished here from `augment.host_views`'
+        crops and parameters (augmentation placed on the device; inside `train_step` this
+        runs batched in the compiled step on the accelerator)."""
+        if "view1" in data:
+            return data
+        if self.augment is None:
+            raise ValueError(
+                "BYOLModel got crops to augment (augment.placement: device) but no augment config; "
+                "pass augment=config.augment"
+            )
+        view1, view2 = augment_lib.device_views(data, self.augment)
+        return {"view1": view1, "view2": view2, **({"label": data["label"]} if "label" in data else {})}
+
     def train_step(self, data):
+        data = self.views(data)
         # Each replica sees its share of the global batch; gradients are summed across
         # replicas by the optimizer, so the loss is divided by the GLOBAL batch size.
         global_batch = tf.cast(tf.shape(data["view1"])[0] * _num_replicas(), tf.float32)

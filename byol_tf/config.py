@@ -96,16 +96,27 @@ def _view2_defaults() -> ViewConfig:
     return ViewConfig(blur_prob=0.1, solarize_prob=0.2)
 
 
+AUGMENT_PLACEMENTS = ("auto", "host", "device")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Image size fed to the encoder and the two asymmetric view distributions."""
+    """Image size fed to the encoder, the two asymmetric view distributions, and where they run.
+
+    placement: `host` runs the whole augmentation in the `tf.data` pipeline; `device` runs
+    decoding, crops and flips there, and colour jitter, grayscale, blur and solarisation
+    batched inside the train step on the accelerator, with the same per-image parameters;
+    `auto` is `device` when TensorFlow sees a GPU or TPU, else `host`.
+    """
 
     image_size: int = 32
     view1: ViewConfig = dataclasses.field(default_factory=ViewConfig)
     view2: ViewConfig = dataclasses.field(default_factory=_view2_defaults)
+    placement: str = "auto"
 
     def validate(self, prefix: str):
         _check_range(f"{prefix}.image_size", self.image_size, 8, 1024)
+        _check_choice(f"{prefix}.placement", self.placement, AUGMENT_PLACEMENTS)
         self.view1.validate(f"{prefix}.view1")
         self.view2.validate(f"{prefix}.view2")
 
@@ -136,6 +147,11 @@ class DataConfig:
     check_cache_dir: where the one check pass over a folder / TFRecord source is cached, by
     the source's fingerprint (any tf.io.gfile path); None: $BYOL_TF_CACHE_DIR, else
     ~/.cache/byol-tf.
+    service_address: `grpc://host:port` of a tf.data service dispatcher: the pretraining
+    input is then built by the service's workers (`tf.data.experimental.service.distribute`,
+    processing mode `parallel_epochs`, see `byol_tf.data.make_pretraining_dataset`), for
+    hosts whose CPUs cannot keep the accelerators fed. Batches are then random, not
+    reproducible from `seed`: `train.deterministic` and exact resumes do not hold for the input.
     """
 
     source: str = "mnist5k"
@@ -158,6 +174,7 @@ class DataConfig:
     max_image_side: int | None = None
     max_bad_fraction: float = 0.01
     check_cache_dir: str | None = None
+    service_address: str | None = None
 
     def validate(self, prefix: str):
         _check_choice(f"{prefix}.source", self.source, DATA_SOURCES)
@@ -186,6 +203,8 @@ class DataConfig:
         if self.max_image_side is not None:
             _check_range(f"{prefix}.max_image_side", self.max_image_side, 8, 65536)
         _check_range(f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        if self.service_address is not None and not re.fullmatch(r"grpc://[^\s:/]+:\d{1,5}", self.service_address):
+            _fail(f"{prefix}.service_address", f"expected 'grpc://host:port', got {self.service_address!r}")
 
 
 # The ImageNet ResNets with bottleneck blocks (byol_tf.networks builds them in the library).

@@ -61,6 +61,17 @@ def parse_example(
     Returns:
         {"image": uint8 [H, W, 3], "label": int64 scalar, -1 when the example has none}.
     """
+    example = _encoded_image(serialized, image_key, label_key, label_offset)
+    image = checks.cap_image_side(decode_image(example["encoded"]), max_image_side)
+    return {"image": image, "label": example["label"]}
+
+
+def _read_image(path: tf.Tensor, max_image_side: int | None) -> tf.Tensor:
+    return checks.cap_image_side(decode_image(tf.io.read_file(path)), max_image_side)
+
+
+def _encoded_image(serialized: tf.Tensor, image_key: str, label_key: str | None, label_offset: int):
+    """`parse_example` without the decoding: {"encoded": string scalar, "label": int64}."""
     spec = {image_key: tf.io.VarLenFeature(tf.string)}
     if label_key is not None:
         spec[label_key] = tf.io.VarLenFeature(tf.int64)
@@ -69,12 +80,37 @@ def parse_example(
     if label_key is not None:
         # The first stored value, or -1 when there is none.
         label = tf.concat([features[label_key].values - label_offset, [tf.constant(-1, tf.int64)]], 0)[0]
-    image = checks.cap_image_side(decode_image(features[image_key].values[0]), max_image_side)
-    return {"image": image, "label": label}
+    return {"encoded": features[image_key].values[0], "label": label}
 
 
-def _read_image(path: tf.Tensor, max_image_side: int | None) -> tf.Tensor:
-    return checks.cap_image_side(decode_image(tf.io.read_file(path)), max_image_side)
+def decode_crop_views(
+    encoded: tf.Tensor, augment_cfg: AugmentConfig, seed: tf.Tensor, max_image_side: int | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Both views' random resized crops of one encoded image: float32 [S, S, 3] each.
+
+    The crops `augment.crop_views` makes of `decode_image(encoded)` (capped at
+    `max_image_side`) with the same seed. A JPEG no larger than the cap is not decoded
+    whole: each view's box is drawn from the header's size and only its window decoded
+    (`augment.jpeg_crop_views`). Other formats, and JPEGs the cap would shrink, are
+    decoded whole, capped and cropped.
+    """
+
+    def whole():
+        image = checks.cap_image_side(decode_image(encoded), max_image_side)
+        crop1, crop2 = augment.crop_views(image[None], augment_cfg, seed)
+        return crop1[0], crop2[0]
+
+    def windows():
+        return augment.jpeg_crop_views(encoded, augment_cfg, seed)
+
+    windowed = tf.io.is_jpeg(encoded)
+    if max_image_side:
+        windowed = tf.cond(
+            windowed,
+            lambda: tf.reduce_max(tf.image.extract_jpeg_shape(encoded)[:2]) <= max_image_side,
+            lambda: tf.constant(False),
+        )
+    return tf.cond(windowed, windows, whole)
 
 
 # ---------------------------------------------------------------------- sources
@@ -119,8 +155,14 @@ def _positions_mask(positions: np.ndarray, length: int) -> tf.Tensor:
     return tf.constant(keep)
 
 
-def _split_examples(cfg: DataConfig, split: str, shard: tuple[int, int] | None = None) -> tf.data.Dataset:
-    """`load_split`, optionally only every shard[0]-th example from shard[1] (before decoding)."""
+def _split_examples(
+    cfg: DataConfig, split: str, shard: tuple[int, int] | None = None, *, encoded: bool = False
+) -> tf.data.Dataset:
+    """`load_split`, optionally only every shard[0]-th example from shard[1] (before decoding).
+
+    encoded: folder and TFRecord examples are {"encoded": the image file's bytes, "label"},
+    left for `pretraining_dataset` to decode (other sources are decoded as always).
+    """
     _check(cfg, split)
     parallel = _parallel(cfg.num_parallel_calls)
     stream = sources.stream_of(cfg, split)
@@ -134,6 +176,10 @@ def _split_examples(cfg: DataConfig, split: str, shard: tuple[int, int] | None =
         positions = _shard(checks.check_source(cfg).kept_positions(cfg, split), shard)
         side = cfg.max_image_side
         files = tf.data.Dataset.from_tensor_slices((listing.files[positions], listing.labels[positions]))
+        if encoded:
+            return files.map(
+                lambda path, label: {"encoded": tf.io.read_file(path), "label": label}, num_parallel_calls=parallel
+            )
         return files.map(
             lambda path, label: {"image": _read_image(path, side), "label": label}, num_parallel_calls=parallel
         )
@@ -146,6 +192,8 @@ def _split_examples(cfg: DataConfig, split: str, shard: tuple[int, int] | None =
         keys = check.keys
 
         def parse(position, record):
+            if encoded:
+                return _encoded_image(record, keys.image, keys.label, cfg.label_offset)
             return parse_example(record, keys.image, keys.label, cfg.label_offset, cfg.max_image_side)
 
     elif cfg.source == "tfds":
@@ -401,6 +449,8 @@ def pretraining_dataset(
     cache: bool = True,
     repeat: bool = True,
     drop_remainder: bool = True,
+    max_image_side: int | None = None,
+    placement: str = "host",
 ) -> tf.data.Dataset:
     """Batches of BYOL's two views: {"view1", "view2": float32 [B, S, S, 3], "label": int64 [B]}.
 
@@ -409,35 +459,50 @@ def pretraining_dataset(
     from `seed` (and the order deterministic) when `seed` is given. Images whose size is
     fixed in the element spec are batched, then augmented batch-wise; images of varying
     size get both random resized crops per image first (giving a common size), and the
-    rest of the augmentation batch-wise.
+    rest of the augmentation batch-wise. Encoded images ({"encoded": bytes}) are kept
+    encoded (and cached so) and decoded in the crop map: a JPEG only in each view's crop
+    window (`decode_crop_views`), with the crops the decoded image would get.
+
+    With `placement` "device" the batches are {"crop1", "crop2": uint8 [B, S, S, 3],
+    "params1", "params2": float32 [B, augment.PACKED_PARAMS], "label"}: crops flipped, the
+    other ops' per-image parameters drawn as for "host" (`augment.host_views`); the model
+    applies them in its train step (`augment.device_views`).
 
     Args:
-        images_ds: unbatched {"image": uint8 [H, W, C] (or float in [0, 1]), "label": int}.
+        images_ds: unbatched {"image": uint8 [H, W, C] (or float in [0, 1]), "label": int},
+            or {"encoded": string scalar (image file bytes), "label": int}.
         augment_cfg: image size and the two view distributions.
         batch_size: images per batch.
         seed: shuffle and augmentation seed; None draws one and allows nondeterministic order.
         shuffle_buffer: elements in the shuffle buffer.
         num_parallel_calls: parallelism of every map; -1 means tf.data.AUTOTUNE.
-        cache: cache the decoded images in memory (before shuffling).
+        cache: cache the decoded images (encoded bytes for "encoded") in memory, before shuffling.
         repeat: repeat forever (each epoch reshuffled, with fresh augmentations).
         drop_remainder: drop a last partial batch.
+        max_image_side: `checks.cap_image_side` of encoded images (decoded ones come capped).
+        placement: "host" or "device" (`augment.resolve_placement` resolves "auto").
 
     Returns:
         A prefetched `tf.data.Dataset` of batches.
     """
+    if placement not in ("host", "device"):
+        raise ValueError(f"placement must be 'host' or 'device' (resolve 'auto' first), got {placement!r}")
     deterministic = seed is not None
     if seed is None:
         seed = secrets.randbits(31)
     parallel = _parallel(num_parallel_calls)
     # Independent stateless key streams for per-image crops and per-batch transforms.
-    crop_key = tf.constant([seed, 1], tf.int64)
-    batch_key = tf.constant([seed, 2], tf.int64)
+    seed = tf.cast(seed, tf.int64)  # an int, or a tensor (`_per_worker_stream`)
+    crop_key = tf.stack([seed, tf.constant(1, tf.int64)])
+    batch_key = tf.stack([seed, tf.constant(2, tf.int64)])
 
     def key(base, counter):
         return tf.random.experimental.stateless_fold_in(base, counter)
 
+    encoded = "encoded" in images_ds.element_spec
+    field = "encoded" if encoded else "image"
     dataset = images_ds.map(
-        lambda example: {"image": example["image"], "label": tf.cast(example["label"], tf.int64)},
+        lambda example: {field: example[field], "label": tf.cast(example["label"], tf.int64)},
         num_parallel_calls=parallel,
     )
     if cache:
@@ -446,11 +511,19 @@ def pretraining_dataset(
     if repeat:
         dataset = dataset.repeat()
 
-    if dataset.element_spec["image"].shape.is_fully_defined():
+    def finish(crop1, crop2, label, transform_seed):
+        if placement == "device":
+            return {**augment.host_views(crop1, crop2, augment_cfg, transform_seed), "label": label}
+        view1, view2 = augment.transform_views(crop1, crop2, augment_cfg, transform_seed)
+        return {"view1": view1, "view2": view2, "label": label}
+
+    if not encoded and dataset.element_spec["image"].shape.is_fully_defined():
 
         def make_views(batch, step):
-            view1, view2 = augment.two_views(batch["image"], augment_cfg, key(batch_key, step))
-            return {"view1": view1, "view2": view2, "label": batch["label"]}
+            # augment.two_views, with the transforms left to finish().
+            crop_seed, transform_seed = tf.unstack(tf.random.experimental.stateless_split(key(batch_key, step), 2))
+            crop1, crop2 = augment.crop_views(batch["image"], augment_cfg, crop_seed)
+            return finish(crop1, crop2, batch["label"], transform_seed)
 
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
         dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter()))
@@ -458,18 +531,23 @@ def pretraining_dataset(
     else:
 
         def make_crops(example, index):
-            crop1, crop2 = augment.crop_views(example["image"][None], augment_cfg, key(crop_key, index))
-            return {"crop1": crop1[0], "crop2": crop2[0], "label": example["label"]}
-
-        def make_views(batch, step):
-            view1, view2 = augment.transform_views(batch["crop1"], batch["crop2"], augment_cfg, key(batch_key, step))
-            return {"view1": view1, "view2": view2, "label": batch["label"]}
+            if encoded:
+                crop1, crop2 = decode_crop_views(example["encoded"], augment_cfg, key(crop_key, index), max_image_side)
+            else:
+                crop1, crop2 = augment.crop_views(example["image"][None], augment_cfg, key(crop_key, index))
+                crop1, crop2 = crop1[0], crop2[0]
+            if placement == "device":  # a quarter of the bytes to batch; host_views rounds so anyway
+                crop1, crop2 = augment.to_uint8(crop1), augment.to_uint8(crop2)
+            return {"crop1": crop1, "crop2": crop2, "label": example["label"]}
 
         dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter()))
         dataset = dataset.map(make_crops, num_parallel_calls=parallel)
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
         dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter()))
-        dataset = dataset.map(make_views, num_parallel_calls=parallel)
+        dataset = dataset.map(
+            lambda batch, step: finish(batch["crop1"], batch["crop2"], batch["label"], key(batch_key, step)),
+            num_parallel_calls=parallel,
+        )
 
     return dataset.with_options(_options(deterministic)).prefetch(tf.data.AUTOTUNE)
 
@@ -516,7 +594,9 @@ def make_pretraining_dataset(
             split)` (the TFX Trainer passes the Examples artifact's).
 
     Returns:
-        An infinite, prefetched dataset of {"view1", "view2", "label"} batches.
+        An infinite, prefetched dataset of {"view1", "view2", "label"} batches (with
+        `augment.placement` resolved to "device": {"crop1", "crop2", "params1", "params2",
+        "label"}, see `pretraining_dataset`).
     """
     data = cfg.data
     batch = batch_size or data.batch_size
@@ -525,8 +605,9 @@ def make_pretraining_dataset(
     if input_context is not None:
         shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
     if images is None:
-        # Sharded before decoding: each input pipeline decodes only its own images.
-        images = _split_examples(data, split, shard)
+        # Sharded before decoding: each input pipeline decodes only its own images, and
+        # folder / TFRecord images are decoded in the crop map (only the crops of a JPEG).
+        images = _split_examples(data, split, shard, encoded=True)
     elif shard is not None:
         images = images.shard(*shard)
     if input_context is not None:
@@ -534,12 +615,48 @@ def make_pretraining_dataset(
         # Distinct shuffles and augmentations per pipeline, still fixed by data.seed.
         sequence = np.random.SeedSequence([data.seed, input_context.input_pipeline_id])
         seed = int(sequence.generate_state(1)[0] >> 1)
-    return pretraining_dataset(
-        images,
-        cfg.augment,
-        batch,
-        seed,
-        shuffle_buffer=data.shuffle_buffer,
-        num_parallel_calls=data.num_parallel_calls,
-        cache=data.cache,
-    )
+
+    def build(seed):
+        return pretraining_dataset(
+            images,
+            cfg.augment,
+            batch,
+            seed,
+            shuffle_buffer=data.shuffle_buffer,
+            num_parallel_calls=data.num_parallel_calls,
+            cache=data.cache,
+            max_image_side=data.max_image_side,
+            placement=augment.resolve_placement(cfg.augment.placement),
+        )
+
+    if data.service_address is None:
+        return build(seed)
+    return _per_worker_stream(build).apply(
+        tf.data.experimental.service.distribute(processing_mode="parallel_epochs", service=data.service_address)
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+def _per_worker_stream(build) -> tf.data.Dataset:
+    """`build(seed)` with a seed drawn by each tf.data service worker when it starts.
+
+    Why "parallel_epochs": every worker runs the whole pipeline and the trainer takes
+    batches from whichever worker has one ready. "distributed_epoch" would hand each worker
+    disjoint source splits, but each worker's crop and transform keys would count from 0
+    alike, so workers would give equal augmentation parameters to different images, and
+    cache / zip do not split. With a seed of its own (the worker's start time in
+    microseconds: anything fixed when the dataset is defined would be the same on every
+    worker) each worker is an independent shuffled, augmented stream. The trainer's order
+    then depends on timing: no determinism, and a resumed run gets fresh batches.
+    """
+    start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+    seeds = start.map(lambda _: tf.cast(tf.timestamp() * 1e6, tf.int64) % (2**31))
+
+    @tf.autograph.experimental.do_not_convert
+    def build_in_graph(seed):
+        # tf.data's shuffle compares (global seed, its seed) with (0, 0) in Python, which
+        # needs a tensor seed's value when the global seed is 0: this function's graph
+        # drops the global seed (only the shuffle reads it; the augmentation is stateless).
+        tf.compat.v1.get_default_graph().seed = None
+        return build(seed)
+
+    return seeds.flat_map(build_in_graph)

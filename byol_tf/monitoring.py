@@ -47,6 +47,8 @@ class ViewGridLogger(keras.callbacks.Callback):
         if not self.num_images:
             return
         batch = next(iter(self.dataset.take(1)))
+        if "view1" not in batch:  # augmentation placed on the device: finished by the model
+            batch = self.model.views(batch)
         view1 = np.asarray(batch["view1"][: self.num_images])
         view2 = np.asarray(batch["view2"][: self.num_images])
         writer = tf.summary.create_file_writer(self.log_dir + "/views")

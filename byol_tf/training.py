@@ -120,6 +120,7 @@ def build_model(config: config_lib.Config, total_steps: int, num_classes: int | 
         tau_base=config.train.tau_base,
         num_classes=num_classes if config.train.online_probe else None,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        augment=config.augment,
     )
 
 

@@ -322,3 +322,93 @@ def test_gaussian_kernels_normalised():
     expected = np.exp(-np.arange(-2, 3) ** 2 / 2.0)
     np.testing.assert_allclose(kernels[1], expected / expected.sum(), rtol=1e-6)
     assert math.isclose(kernels[0, 2], 1.0, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------ decode only the crop
+
+
+def _natural_image(rng, height, width):
+    """Smooth colour fields plus noise: JPEG-like content (flat images hide window errors)."""
+    coarse = rng.uniform(size=(1, height // 16 + 2, width // 16 + 2, 3))
+    image = tf.image.resize(coarse, (height, width), method="bicubic")[0].numpy()
+    image = image + rng.normal(scale=0.05, size=image.shape)
+    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("chroma_downsampling", [True, False])
+def test_jpeg_window_crops_equal_crops_of_the_decoded_image(chroma_downsampling):
+    rng = np.random.default_rng(3)
+    config = AugmentConfig(image_size=40, view1=ViewConfig(crop_scale=(0.02, 1.0)), view2=ViewConfig(crop_ratio=(0.2, 5.0)))
+    worst = 0.0
+    for index in range(24):
+        height, width = (int(side) for side in rng.integers(20, 300, 2))
+        encoded = tf.io.encode_jpeg(
+            _natural_image(rng, height, width), quality=90, chroma_downsampling=chroma_downsampling
+        )
+        seed = tf.constant([index, 11], tf.int64)
+        windowed = augment.jpeg_crop_views(encoded, config, seed)
+        decoded = tf.io.decode_image(encoded, channels=3)
+        whole = augment.crop_views(decoded[None], config, seed)
+        for crop, expected in zip(windowed, whole):
+            assert crop.shape == (40, 40, 3) and crop.dtype == tf.float32
+            worst = max(worst, float(tf.reduce_max(tf.abs(crop - expected[0]))))
+    # The same boxes and sample positions up to float rounding: far below one uint8 level.
+    assert worst < 1e-4
+
+
+def test_crop_window_holds_every_sampled_pixel_and_stays_inside_the_image():
+    boxes = augment.sample_crop_boxes(200, 37, 53, (0.01, 1.0), (0.2, 5.0), tf.constant([1, 2], tf.int64))
+    for box in boxes:
+        window, window_box = (value.numpy() for value in augment.crop_window(box, 37, 53, 9))
+        top, left, rows, columns = window
+        assert top >= 0 and left >= 0 and top + rows <= 37 and left + columns <= 53 and rows >= 1 and columns >= 1
+        assert np.all((window_box >= 0) & (window_box <= 1))
+        # The window's first and last sample rows / columns, in image pixels.
+        first_y = top + window_box[0] * max(rows - 1, 1)
+        last_y = top + window_box[2] * max(rows - 1, 1)
+        centres_y = (box[0].numpy() * 37 + 0.5 * (box[2] - box[0]).numpy() * 37 / 9 - 0.5)
+        np.testing.assert_allclose(first_y, np.clip(centres_y, 0, 36), atol=1e-3)
+        assert last_y <= top + rows - 1 + 1e-4
+
+
+# ------------------------------------------------------- augmentation on the device
+
+
+def test_device_views_equal_the_host_transforms_with_the_same_seeds():
+    rng = np.random.default_rng(4)
+    config = AugmentConfig(image_size=48)  # blur radius 2, all ops on
+    crops = [tf.constant(rng.integers(0, 256, (24, 48, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    compiled = tf.function(lambda batch: augment.device_views(batch, config), jit_compile=True)
+    for seed in ([0, 1], [5, 9]):
+        seed = tf.constant(seed, tf.int64)
+        host = augment.transform_views(*crops, config, seed)
+        batch = augment.host_views(*crops, config, seed)
+        assert batch["crop1"].dtype == tf.uint8 and batch["params1"].shape == (24, augment.PACKED_PARAMS)
+        for device in (augment.device_views(batch, config), compiled(batch)):  # eager, and under XLA
+            for got, expected in zip(device, host):
+                np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_static_shape_ops_equal_the_partitioned_ops():
+    images = _images(batch=16, size=40)
+    for view in (ViewConfig(), ViewConfig(blur_prob=0.1, solarize_prob=0.2)):
+        params = augment.sample_view_params(16, view, tf.constant([2, 3], tf.int64))
+        partitioned = augment.apply_view_params(images, params, view)
+        static = augment.apply_view_params(images, params, view, static_shapes=True)
+        np.testing.assert_allclose(static, partitioned, atol=1e-6)
+
+
+def test_packed_parameters_round_trip():
+    params = augment.sample_view_params(32, ViewConfig(), tf.constant([4, 4], tf.int64))
+    unpacked = augment.unpack_view_params(augment.pack_view_params(params))
+    assert set(unpacked) == set(params) - {"flip"}
+    for name, value in unpacked.items():
+        assert value.dtype == params[name].dtype, name
+        np.testing.assert_array_equal(value, params[name], err_msg=name)
+
+
+def test_placement_auto_is_host_without_accelerators_and_unknown_names_fail():
+    assert augment.resolve_placement("auto") == "host"  # the test machines have no GPU / TPU
+    assert augment.resolve_placement("device") == "device"
+    with pytest.raises(ValueError, match="augment.placement: 'gpu' is not one of"):
+        augment.resolve_placement("gpu")

@@ -458,3 +458,41 @@ def test_keras_cv_ops_smoke_compares_both_sides(capsys, tmp_path):
     _check_record(record, "keras_cv_ops", "ratio")
     assert record["value"] == pytest.approx(record["keras_cv_s"] / record["byol_tf_s"], rel=1e-3)
     assert record["byol_tf_images_per_s"] == pytest.approx(record["config"]["batch"] / record["byol_tf_s"], rel=1e-3)
+
+
+# ------------------------------------------------------------------ input speed (issue 14)
+
+
+def test_input_speed_host_smoke_alternates_the_three_settings(capsys, tmp_path):
+    from benchmarks import input_speed
+
+    records = _run_main(input_speed, ["host"], capsys, tmp_path)
+    assert [entry["config"]["setting"] for entry in records] == list(input_speed.SETTINGS)
+    for entry in records:
+        _check_record(entry, "input_host", "images/s per core")
+        assert entry["config"]["smoke"] is True and isinstance(entry["config"]["cpu_flags"], list)
+        assert math.isclose(entry["value"] * entry["config"]["cores"], entry["images_per_s"], rel_tol=1e-4)
+    assert records[0]["versus_decode_full_host"] == 1.0
+
+
+def test_input_speed_fit_smoke_reports_live_and_cached(capsys, tmp_path):
+    from benchmarks import input_speed
+
+    (entry,) = _run_main(input_speed, ["fit", "--setting", "decode_crop_device"], capsys, tmp_path)
+    _check_record(entry, "input_fit", "images/s")
+    assert entry["cached_images_per_s"] > 0 and entry["live_over_cached"] > 0
+
+
+def test_device_end_to_end_script_smoke_on_cpu(tmp_path):
+    out = tmp_path / "e2e.jsonl"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/device/end_to_end.py", "--smoke", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    machine, entry = _lines(out.read_text())
+    _check_record(machine, "machine", "cores")
+    _check_record(entry, "end_to_end", "images/s")
+    assert entry["config"]["placement"] == "device" and entry["config"]["accelerator"] == "cpu"
+    assert entry["step_only_images_per_s"] > 0
+    assert math.isclose(entry["end_to_end_over_step_only"], entry["value"] / entry["step_only_images_per_s"], rel_tol=1e-3)

@@ -226,3 +226,88 @@ def test_moments_of_parts_combine_to_the_std_of_a_nearly_collapsed_batch(parts):
         combined = byol._combine_moments(combined, byol._projection_moments(piece))
     assert float(combined["count"]) == 48
     np.testing.assert_allclose(byol._collapse_std_from_moments(combined), _numpy_collapse_std(z), rtol=1e-3)
+
+
+# ------------------------------------------------------- augmentation on the device
+
+
+def _device_batches(batch=8, seed=0):
+    """One batch both ways: host-augmented views, and `augment.host_views`' crops + parameters."""
+    from byol_tf import augment
+    from byol_tf.config import AugmentConfig
+
+    config = AugmentConfig(image_size=IMAGE)
+    rng = np.random.default_rng(seed)
+    crops = [rng.integers(0, 256, (batch, IMAGE, IMAGE, 3), dtype=np.uint8) for _ in range(2)]
+    labels = rng.integers(0, 3, size=(batch,)).astype(np.int64)
+    key = tf.constant([seed, 1], tf.int64)
+    view1, view2 = augment.transform_views(*crops, config, key)
+    host = {"view1": view1.numpy(), "view2": view2.numpy(), "label": labels}
+    device = {name: value.numpy() for name, value in augment.host_views(*crops, config, key).items()}
+    return config, host, {**device, "label": labels}
+
+
+def test_fit_on_device_placed_augmentation_equals_fit_on_host_views():
+    config, host, device = _device_batches()
+    reference = tiny_model(num_classes=3)
+    reference.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+    reference_logs = fit_steps(reference, host, steps=2)
+    model = tiny_model(num_classes=3)
+    model.augment = config
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), jit_compile=True)  # as on a GPU
+    logs = fit_steps(model, device, steps=2)
+    for key in ("loss", "collapse_std", "probe_loss"):
+        np.testing.assert_allclose(logs[key], reference_logs[key], rtol=1e-5, err_msg=key)
+    for got, expected in zip(model.online_weights + model.target_weights, reference.online_weights + reference.target_weights):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)  # XLA sums differently
+
+
+def test_crops_without_an_augment_config_fail_with_a_clear_message():
+    _, _, device = _device_batches()
+    model = tiny_model()
+    with pytest.raises(ValueError, match="no augment config"):
+        model.views(device)
+
+
+MIRRORED_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    from byol_tf import distribute
+    from byol_tf.config import DistributeConfig
+    mirrored = distribute.strategy_from_config(DistributeConfig(strategy="mirrored", num_cpu_devices=2))
+    import keras
+    sys.path.insert(0, "tests")
+    from fixtures import models as t
+    from test_byol import _device_batches
+
+    config, host, device = _device_batches()
+
+    def run(strategy, batch):
+        with strategy.scope():
+            model = t.tiny_model(num_classes=3, synchronized=True)
+            model.augment = config
+            model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        logs = t.fit_steps(model, batch, steps=2)
+        return logs, [v.numpy().tolist() for v in model.online_weights + model.target_weights]
+
+    print(json.dumps({"host": run(tf.distribute.get_strategy(), host), "device": run(mirrored, device)}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_device_placed_augmentation_under_mirrored_two_cpus_matches_host_views():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_DEVICE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    (host_logs, host_weights), (device_logs, device_weights) = result["host"], result["device"]
+    for key in ("loss", "collapse_std", "probe_loss"):
+        np.testing.assert_allclose(device_logs[key], host_logs[key], rtol=1e-4, err_msg=key)
+    for got, expected in zip(device_weights, host_weights):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)

@@ -122,6 +122,8 @@ def test_configs_are_frozen():
         ({"train": {"tau_base": 0}}, r"^train\.tau_base"),
         ({"augment": {"view1": {"crop_scale": [0.9, 0.2]}}}, r"^augment\.view1\.crop_scale: min 0\.9 is greater than max 0\.2"),
         ({"augment": {"view2": {"solarize_prob": 1.5}}}, r"^augment\.view2\.solarize_prob"),
+        ({"data": {"service_address": "localhost:5000"}}, r"^data\.service_address: expected 'grpc://host:port', got 'localhost:5000'$"),
+        ({"augment": {"placement": "gpu"}}, r"^augment\.placement: 'gpu' is not one of 'auto', 'host', 'device'$"),
         ({"data": {"source": "folder"}}, r"^data\.path: a path is required"),
         ({"data": {"source": "tfds"}}, r"^data\.name: a TFDS dataset name is required"),
         ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),

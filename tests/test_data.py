@@ -385,3 +385,88 @@ def test_make_pretraining_dataset_from_given_images():
     batch = next(iter(data.make_pretraining_dataset(cfg, images=_constant_images(labels))))
     assert batch["view1"].shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(batch["label"], [7, 7, 7, 7])  # mnist5k would give mixed labels
+
+
+# ----------------------------------------------------- decode only the crop, placement
+
+
+def _natural_image(rng, height, width):
+    coarse = rng.uniform(size=(1, height // 8 + 2, width // 8 + 2, 3))
+    image = tf.image.resize(coarse, (height, width), method="bicubic")[0].numpy()
+    return (np.clip(image + rng.normal(scale=0.04, size=image.shape), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """JPEGs (4:2:0) and PNGs of different sizes in two classes, and one corrupt JPEG."""
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        for index in range(6):
+            image = _natural_image(rng, int(rng.integers(24, 90)), int(rng.integers(24, 90)))
+            encoded = _png(image) if index % 3 == 0 else tf.io.encode_jpeg(image, quality=90).numpy()
+            (tmp_path / name / f"{index}.{'png' if index % 3 == 0 else 'jpg'}").write_bytes(encoded)
+    good = (tmp_path / "a" / "1.jpg").read_bytes()
+    (tmp_path / "b" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    return tmp_path
+
+
+def _pipeline(images, augment_cfg, placement="host", **kwargs):
+    return data.pretraining_dataset(
+        images, augment_cfg, 4, seed=3, shuffle_buffer=16, num_parallel_calls=2, placement=placement, **kwargs
+    )
+
+
+@pytest.mark.parametrize("max_image_side", [None, 48])
+def test_encoded_images_give_the_views_of_decoded_images(mixed_folder, max_image_side):
+    cfg = DataConfig(source="folder", path=str(mixed_folder), holdout_examples=0, max_bad_fraction=0.2,
+                     max_image_side=max_image_side)
+    augment_cfg = AugmentConfig(image_size=24)
+    decoded = data.load_split(cfg, "train")
+    encoded = data._split_examples(cfg, "train", encoded=True)
+    assert set(encoded.element_spec) == {"encoded", "label"}
+    for got, expected in zip(
+        _pipeline(encoded, augment_cfg, max_image_side=max_image_side).take(6), _pipeline(decoded, augment_cfg).take(6)
+    ):
+        np.testing.assert_array_equal(got["label"], expected["label"])
+        for key in ("view1", "view2"):
+            # JPEG crops decoded from their windows: the same boxes and samples up to float
+            # rounding (the colour ops may amplify it a little); PNGs and capped JPEGs whole.
+            np.testing.assert_allclose(got[key], expected[key], atol=1e-4)
+
+
+def test_make_pretraining_dataset_skips_a_corrupt_jpeg_as_before(mixed_folder):
+    cfg = Config(
+        data=DataConfig(source="folder", path=str(mixed_folder), holdout_examples=0, max_bad_fraction=0.2,
+                        batch_size=4, shuffle_buffer=16),
+        augment=AugmentConfig(image_size=24),
+    )
+    assert data.num_examples(cfg.data, "train") == 12  # the broken file is not one of them
+    labels = np.concatenate([batch["label"] for batch in data.make_pretraining_dataset(cfg).take(9)])
+    assert np.bincount(labels).tolist() == [18, 18]  # three epochs of 6 + 6
+
+
+@pytest.mark.parametrize("fixed_size", [True, False])
+def test_device_placement_batches_finish_as_the_host_views(image_folder, fixed_size):
+    from byol_tf import augment
+
+    augment_cfg = AugmentConfig(image_size=24)
+    if fixed_size:
+        images = data.load_split(dataclasses.replace(MNIST, max_examples=32, holdout_examples=0), "train")
+    else:
+        images = data.load_split(DataConfig(source="folder", path=str(image_folder), holdout_examples=0), "train")
+    host = _pipeline(images, augment_cfg).take(3)
+    device = _pipeline(images, augment_cfg, placement="device").take(3)
+    for expected, batch in zip(host, device):
+        assert set(batch) == {"crop1", "crop2", "params1", "params2", "label"}
+        assert batch["crop1"].dtype == tf.uint8 and batch["crop1"].shape == (4, 24, 24, 3)
+        np.testing.assert_array_equal(batch["label"], expected["label"])
+        for got, want in zip(augment.device_views(batch, augment_cfg), (expected["view1"], expected["view2"])):
+            # Only the crops' rounding to uint8 (half a level) separates the two paths.
+            assert float(tf.reduce_mean(tf.abs(got - want))) < 1.0 / 255
+            assert float(tf.reduce_max(tf.abs(tf.reduce_mean(got, [1, 2, 3]) - tf.reduce_mean(want, [1, 2, 3])))) < 2.0 / 255
+
+
+def test_pretraining_dataset_rejects_an_unresolved_placement():
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        _pipeline(_constant_images([1, 2, 3, 4]), SMALL_AUGMENT, placement="auto")

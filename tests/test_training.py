@@ -105,3 +105,42 @@ def test_cli_output_is_progress_and_results_not_tensorflow_start_up_chatter(tmp_
     assert chatter == []
     assert lines[0].startswith("byol-tf: embedding projector: 128 held-out images in")
     assert lines[1].startswith("byol-tf: encoder saved to")
+
+
+def test_smoke_fit_on_jpegs_with_augmentation_placed_on_the_device(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "images" / name)
+        for index in range(20):
+            image = rng.integers(0, 256, (int(rng.integers(30, 60)), int(rng.integers(30, 60)), 3), dtype=np.uint8)
+            (tmp_path / "images" / name / f"{index}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+    cfg = config.load(
+        SMOKE,
+        [f"data.path={tmp_path / 'images'}", "data.source=folder", "data.max_examples=null", "data.holdout_examples=8",
+         "data.batch_size=8", "data.shuffle_buffer=64", "augment.placement=device", "train.steps_per_epoch=2",
+         "train.verbose=0", "evaluation.projector_images=0"],
+    )
+    result = training.train(cfg, run_dir=str(tmp_path / "run"))
+    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])
+    assert result.model.augment == cfg.augment
+    assert glob.glob(str(tmp_path / "run" / "logs" / "views" / "events.out.tfevents.*"))  # views finished by the model
+
+
+def test_smoke_training_through_a_tf_data_service_with_two_workers(tmp_path):
+    from byol_tf import data
+
+    dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=0))
+    address = dispatcher.target.split("://")[1]
+    workers = [
+        tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
+        for _ in range(2)
+    ]
+    cfg = config.load(
+        SMOKE, [f"data.service_address={dispatcher.target}", "train.verbose=0", "evaluation.projector_images=0"]
+    )
+    batch = next(iter(data.make_pretraining_dataset(cfg)))
+    assert batch["view1"].shape == (32, 28, 28, 3)
+    result = training.train(cfg, run_dir=str(tmp_path / "run"))
+    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])
+    for server in (*workers, dispatcher):
+        server.stop()
