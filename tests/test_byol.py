@@ -172,15 +172,19 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_mirrored_two_cpus_matches_default_strategy():
+def _run_script(script: str) -> dict:
+    """Runs `script` in a fresh Python (it sets up its own logical devices) and returns the
+    JSON object of its last line."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mirrored_two_cpus_matches_default_strategy():
+    result = _run_script(MIRRORED_SCRIPT)
     assert result["replicas"] == 2
     (default_logs, default_before, default_weights) = result["default"]
     (mirrored_logs, mirrored_before, mirrored_weights) = result["mirrored"]
@@ -299,13 +303,7 @@ MIRRORED_DEVICE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_device_placed_augmentation_under_mirrored_two_cpus_matches_host_views():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", MIRRORED_DEVICE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _run_script(MIRRORED_DEVICE_SCRIPT)
     (host_logs, host_weights), (device_logs, device_weights) = result["host"], result["device"]
     for key in ("loss", "collapse_std", "probe_loss"):
         np.testing.assert_allclose(device_logs[key], host_logs[key], rtol=1e-4, err_msg=key)
