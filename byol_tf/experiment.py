@@ -93,12 +93,16 @@ def run(
         extra_callbacks=extra_callbacks,
         backup_dir=backup_dir,
         holdout_data=holdout_data,
+        # Until the export is written: a kill during evaluation or export resumes at the
+        # last step instead of training again.
+        keep_backup=True,
     )
     metrics: dict[str, Any] = {
         "training": final_training_metrics(result.history),
         "steps_per_epoch": result.steps_per_epoch,
     }
     if not result.is_chief:
+        result.delete_backup()
         return ExperimentResult(training=result, report=None, export_dir=None, metrics=metrics)
     logger.info("encoder saved to %s", result.encoder_path)
 
@@ -123,4 +127,5 @@ def run(
         overwrite=True,
     )
     logger.info("SavedModel exported to %s", export_dir)
+    result.delete_backup()
     return ExperimentResult(training=result, report=report, export_dir=export_dir, metrics=metrics)

@@ -41,6 +41,13 @@ class TrainResult:
     run_dir: str
     steps_per_epoch: int
     is_chief: bool = True
+    backup: checkpointing.TrainingBackup | None = None  # kept by `train(keep_backup=True)`
+
+    def delete_backup(self):
+        """Removes a backup `train(keep_backup=True)` kept, once what follows training is done."""
+        if self.backup is not None:
+            self.backup.delete()
+            self.backup = None
 
     @property
     def encoder(self) -> keras.Model:
@@ -158,6 +165,7 @@ def train(
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     backup_dir: str | None = None,
     holdout_data: config_lib.DataConfig | None = None,
+    keep_backup: bool = False,
 ) -> TrainResult:
     """Pretrains BYOL with `keras.Model.fit`, resuming from a backup if one exists, and saves the encoder.
 
@@ -180,9 +188,14 @@ def train(
         holdout_data: where the Embedding Projector's held-out images are read
             (`evaluation.projector_images`); default `config.data` (the TFX Trainer passes
             its Examples artifact).
+        keep_backup: leave the final backup in place (`TrainResult.delete_backup` removes
+            it): a kill during what the caller does next (evaluation, export) then resumes
+            at the last step instead of training again. False: removed once the encoder is
+            saved.
 
     Returns:
-        The trained model, the fit history, the run folder and the steps per epoch.
+        The trained model, the fit history, the run folder, the steps per epoch and a kept
+        backup.
 
     Raises:
         byol_tf.checkpointing.NonFiniteTrainingError: the loss or the weights became NaN / Inf;
@@ -256,11 +269,12 @@ def train(
     history = _fit(model, runtime, config, dataset, start, steps, callbacks)
     if runtime.is_chief:
         save_keras_atomically(model.encoder, fileio.join(run_dir, ENCODER_FILE))
-    if backup:
-        backup.delete()
-    return TrainResult(
-        model=model, history=history, run_dir=run_dir, steps_per_epoch=steps, is_chief=runtime.is_chief
+    result = TrainResult(
+        model=model, history=history, run_dir=run_dir, steps_per_epoch=steps, is_chief=runtime.is_chief, backup=backup
     )
+    if not keep_backup:
+        result.delete_backup()
+    return result
 
 
 def save_keras_atomically(model: keras.Model, path: str) -> None:

@@ -96,3 +96,28 @@ def test_fileio_write_is_atomic_and_replace_dir_swaps_whole_folders(tmp_path):
     fileio.replace_dir(newer, str(tmp_path / "out"))
     assert fileio.read_text(str(tmp_path / "out" / "v")) == "2"
     assert sorted(os.listdir(tmp_path)) == ["a", "out"]  # staging and the old copy are gone
+
+
+def test_a_crash_during_export_resumes_at_the_last_step_without_training_again(tmp_path, monkeypatch, caplog):
+    from byol_tf import export
+
+    config = config_lib.load(SMOKE, [*TINY, "train.epochs=2", "data.batch_size=16",
+                                     "train.deterministic=true"])
+    run_dir = str(tmp_path / "run")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while exporting")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "export_encoder", crash)
+        with pytest.raises(KeyboardInterrupt):
+            experiment.run(config, run_dir=run_dir, evaluate=False)
+    # Training finished, and its last backup was kept for the rerun.
+    assert tf.train.latest_checkpoint(os.path.join(run_dir, "backup")).endswith("ckpt-4")
+
+    with caplog.at_level("INFO", logger="byol_tf"):
+        result = experiment.run(config, run_dir=run_dir, evaluate=False)
+    assert "resumed from backup at step 4 of 4" in caplog.text
+    assert all(not values for values in result.training.history.values())  # no step ran again
+    assert os.path.isdir(result.export_dir)
+    assert not os.path.exists(os.path.join(run_dir, "backup"))  # removed once the export is written
