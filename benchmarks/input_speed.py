@@ -1,7 +1,7 @@
 """Host cost of BYOL's input at 224 px from JPEGs: decode-and-crop and augmentation placement.
 
     python -m benchmarks.input_speed host --size 224 --batch 64 --rounds 5
-    python -m benchmarks.input_speed fit --encoder resnet18_cifar --size 224 --batch 32 --placement host
+    python -m benchmarks.input_speed fit --encoder resnet18_cifar --size 224 --batch 32 --setting decode_crop_host
 
 1. `host` (`input_host` records): images/s of the tf.data pipeline alone, per usable core,
    from JPEG bytes held in memory (synthetic natural-ish images of about `--source-size`,
