@@ -751,9 +751,11 @@ def test_trainer_projector_reads_the_held_out_eval_split_of_the_examples(tmp_pat
     logger = monitoring.ProjectorLogger.from_config(config, str(tmp_path / "logs"), holdout)
     # Two of each class, all from the eval split (its images are seeds 1000+).
     assert np.bincount(logger.labels, minlength=CLASSES).tolist() == [2, 2, 2]
-    eval_images, _ = examples_io.load_arrays(examples_io.split_file_patterns(examples, "eval"))
+    eval_records = examples_io.image_dataset(examples_io.split_file_patterns(examples, "eval")).take(6)
     size = config.augment.image_size
-    expected = np.round(augment.center_crop_resize(eval_images[:6], size).numpy() * 255)
+    expected = np.concatenate(
+        [np.round(augment.center_crop_resize(record["image"][None], size).numpy() * 255) for record in eval_records]
+    )
     assert logger.images.shape == (6, size, size, 3)
     np.testing.assert_array_equal(logger.images, expected)
 
