@@ -107,19 +107,22 @@ def strategy_from_config(config: DistributeConfig) -> tf.distribute.Strategy:
 def precision_policy(config: DistributeConfig, jit_compile: bool = False) -> str:
     """Keras dtype policy name: `precision`, with `auto` resolved for the hardware.
 
-    `auto` is `mixed_bfloat16` on TPUs, and on GPUs with bfloat16 matrix units (compute
-    capability 8.0 or newer) when the step is XLA-compiled: faster than the float32 (TF32)
-    step with XLA, slower without it (casts and unfused ops;
-    benchmarks/RESULTS.md). Everywhere else, CPUs included, `float32`.
+    `auto` is `mixed_bfloat16` on TPUs; on GPUs with bfloat16 matrix units (compute
+    capability 8.0 or newer) when the step is XLA-compiled (faster than the float32 / TF32
+    step with XLA, slower without it: casts and unfused ops); and on machines without GPUs
+    whose CPU computes bfloat16 in hardware (`cpu_has_bfloat16_units`: AVX512-BF16 or
+    AMX), where the demo's linear top-1 is the same as float32's within the run-to-run
+    spread (benchmarks/RESULTS.md). Everywhere else `float32`, including CPUs that would
+    emulate bfloat16.
     """
     if config.precision != "auto":
         return config.precision
     if config.strategy == "tpu":
         return "mixed_bfloat16"
     capabilities = gpu_compute_capabilities()
-    if jit_compile and capabilities and min(capabilities) >= (8, 0):
-        return "mixed_bfloat16"
-    return "float32"
+    if capabilities:
+        return "mixed_bfloat16" if jit_compile and min(capabilities) >= (8, 0) else "float32"
+    return "mixed_bfloat16" if cpu_has_bfloat16_units() else "float32"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -141,9 +144,29 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_bfloat16_units(flags: frozenset[str] | None = None) -> bool:
-    """Whether the CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16); elsewhere
-    oneDNN emulates it, slower than float32."""
+# Set to 0 to keep `distribute.precision: auto` in float32 on CPUs with bfloat16 units.
+CPU_BFLOAT16_VARIABLE = "BYOL_TF_CPU_BFLOAT16"
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bfloat16 kernels.
+_ONEDNN_ISAS_WITHOUT_BFLOAT16 = frozenset(
+    {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
+)
+
+
+def cpu_has_bfloat16_units(flags: frozenset[str] | None = None, environ=None) -> bool:
+    """Whether TensorFlow computes bfloat16 in hardware on this CPU: AVX512-BF16 or AMX-BF16
+    present, oneDNN not capped below them (`ONEDNN_MAX_CPU_ISA`), and `BYOL_TF_CPU_BFLOAT16`
+    not 0. Elsewhere oneDNN would emulate bfloat16, slower than float32.
+
+    Args:
+        flags: the CPU's flags (tests pass their own); `cpu_flags()` when None.
+        environ: the environment (tests pass their own); `os.environ` when None.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(CPU_BFLOAT16_VARIABLE, "").strip() == "0":
+        return False
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+    if cap in _ONEDNN_ISAS_WITHOUT_BFLOAT16:
+        return False
     flags = cpu_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 

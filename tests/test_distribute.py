@@ -53,7 +53,16 @@ def test_bad_train_fault_tolerance_fields_name_the_field(field, value):
         config_lib.from_dict({"train": {field: value}})
 
 
-def test_precision_auto_is_bfloat16_on_tpu_only():
+def test_precision_auto_is_bfloat16_on_tpu_and_on_cpus_with_bfloat16_units(monkeypatch):
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [])
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16_units", lambda: True)
+    assert distribute.precision_policy(DistributeConfig()) == "mixed_bfloat16"
+    assert distribute.precision_policy(DistributeConfig(precision="float32")) == "float32"
+    # A GPU decides, not the host's CPU: without XLA its step is faster in float32.
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [(9, 0)])
+    assert distribute.precision_policy(DistributeConfig(), jit_compile=False) == "float32"
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [])
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16_units", lambda: False)
     assert distribute.precision_policy(DistributeConfig()) == "float32"
     assert distribute.precision_policy(DistributeConfig(strategy="mirrored")) == "float32"
     assert distribute.precision_policy(DistributeConfig(strategy="tpu")) == "mixed_bfloat16"
@@ -441,5 +450,14 @@ def test_bfloat16_units_are_read_from_the_cpu_flags(flags, expected):
     cpuinfo = f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
     parsed = distribute.cpu_flags(cpuinfo)
     assert parsed == frozenset(flags.split())
-    assert distribute.cpu_has_bfloat16_units(parsed) is expected
+    assert distribute.cpu_has_bfloat16_units(parsed, environ={}) is expected
     assert distribute.cpu_flags("no flags here") == frozenset()
+
+
+def test_bfloat16_units_are_off_when_onednn_is_capped_below_them_or_the_variable_says_0():
+    bf16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert distribute.cpu_has_bfloat16_units(bf16, environ={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert not distribute.cpu_has_bfloat16_units(bf16, environ={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert not distribute.cpu_has_bfloat16_units(bf16, environ={"DNNL_MAX_CPU_ISA": "avx512_core_vnni"})
+    assert not distribute.cpu_has_bfloat16_units(bf16, environ={"BYOL_TF_CPU_BFLOAT16": "0"})
+    assert distribute.cpu_has_bfloat16_units(bf16, environ={"BYOL_TF_CPU_BFLOAT16": "1"})
