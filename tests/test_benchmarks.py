@@ -282,12 +282,12 @@ def test_quality_peer_exports_one_recipe_for_both_sides(tmp_path):
     schedules = np.load(tmp_path / quality_peer.SCHEDULES_FILE)
     learning_rate, tau = schedules["learning_rate"], schedules["tau"]
     total, warmup = 4 * 6, 2 * 6  # the preset's 2 warm-up epochs
-    peak = 4.0 * 16 / 256  # base x batch / 256
+    peak = config.optimizer.base_learning_rate * 16 / 256  # base x batch / 256
     assert len(learning_rate) == len(tau) == arrays["total_steps"] == total
     np.testing.assert_allclose(learning_rate[: warmup + 1], peak * np.arange(warmup + 1) / warmup, rtol=1e-6)
     cosine = peak * 0.5 * (1 + np.cos(np.pi * np.arange(total - warmup) / (total - warmup)))
     np.testing.assert_allclose(learning_rate[warmup:], cosine, rtol=1e-5)
-    assert tau[0] == pytest.approx(0.95) and np.all(np.diff(tau) > 0) and tau[-1] < 1.0
+    assert tau[0] == pytest.approx(config.train.tau_base) and np.all(np.diff(tau) > 0) and tau[-1] < 1.0
 
 
 @pytest.mark.slow
