@@ -151,7 +151,8 @@ class DataConfig:
     input is then built by the service's workers (`tf.data.experimental.service.distribute`,
     processing mode `parallel_epochs`, see `byol_tf.data.make_pretraining_dataset`), for
     hosts whose CPUs cannot keep the accelerators fed. Batches are then random, not
-    reproducible from `seed`: `train.deterministic` and exact resumes do not hold for the input.
+    reproducible from `seed`: exact resumes do not hold for the input, and the config refuses
+    it together with `train.deterministic: true`.
     """
 
     source: str = "mnist5k"
@@ -525,6 +526,14 @@ class Config:
                 "vertex_training.replica_count",
                 f"{vertex.replica_count} replicas train together only with distribute.strategy: "
                 f"multi_worker, not {self.distribute.strategy!r}",
+            )
+        if self.data.service_address is not None and self.train.deterministic:
+            # The service's workers seed their shuffles from the clock, which TensorFlow's
+            # op determinism refuses when the first batch is read: say so at load instead.
+            _fail(
+                "data.service_address",
+                "a tf.data service input is not reproducible, so it cannot be combined with "
+                "train.deterministic: true (drop one of the two)",
             )
 
 

@@ -124,6 +124,11 @@ def test_configs_are_frozen():
         ({"augment": {"view2": {"solarize_prob": 1.5}}}, r"^augment\.view2\.solarize_prob"),
         ({"data": {"service_address": "localhost:5000"}}, r"^data\.service_address: expected 'grpc://host:port', got 'localhost:5000'$"),
         ({"augment": {"placement": "gpu"}}, r"^augment\.placement: 'gpu' is not one of 'auto', 'host', 'device'$"),
+        (
+            {"data": {"service_address": "grpc://dispatcher:5000"}, "train": {"deterministic": True}},
+            r"^data\.service_address: a tf\.data service input is not reproducible, so it cannot be combined with "
+            r"train\.deterministic: true",
+        ),
         ({"data": {"source": "folder"}}, r"^data\.path: a path is required"),
         ({"data": {"source": "tfds"}}, r"^data\.name: a TFDS dataset name is required"),
         ({"network": {"encoder": "vgg"}}, r"^network\.encoder: 'vgg' is not one of"),
