@@ -77,7 +77,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment, data
+from byol_tf import augment, data, losses
 from byol_tf.config import Config, EvaluationConfig, ViewConfig
 
 logger = logging.getLogger(__name__)
@@ -1059,12 +1059,12 @@ def _knn_predictions(
     rows followed by the new batch. `tf.math.top_k` prefers the earlier of equal values,
     so ties go to the lower bank index, as a top-k over the whole similarity row would.
     """
-    queries = tf.math.l2_normalize(tf.cast(queries, tf.float32), axis=1)
+    queries = losses.unit_rows(queries)
     rows = tf.shape(queries)[0]
     top_similarity = tf.fill(tf.stack([rows, k]), -np.inf)
     top_labels = tf.zeros(tf.stack([rows, k]), tf.int32)
     for bank, bank_labels in bank_batches:
-        bank = tf.math.l2_normalize(tf.cast(bank, tf.float32), axis=1)
+        bank = losses.unit_rows(bank)
         similarity = tf.concat([top_similarity, tf.matmul(queries, bank, transpose_b=True)], axis=1)
         labels = tf.concat([top_labels, tf.tile(tf.cast(bank_labels, tf.int32)[None], tf.stack([rows, 1]))], axis=1)
         top_similarity, indices = tf.math.top_k(similarity, k=k)

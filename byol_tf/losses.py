@@ -15,6 +15,28 @@ def _normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1, epsilon=_EPSILON)
 
 
+def unit_rows(x):
+    """Rows scaled to unit L2 norm, the same bits for equal rows wherever they sit.
+
+    For comparisons that break exact ties (kNN votes, neighbour search): equal rows must
+    stay equal. `tf.math.l2_normalize` multiplies by `rsqrt`, which TensorFlow's CPU kernels
+    compute with a vectorised approximation on some CPUs (seen on an Intel Xeon with
+    AVX-512) and exactly in the tail of the loop, so two equal rows of one batch can differ
+    in the last bit (at d = 4 and d = 2048, for instance) and a tie is then broken by
+    position. Square root and division are correctly rounded in every lane. Zero rows stay
+    zero.
+
+    Args:
+        x: Tensor ``[..., dim]``.
+
+    Returns:
+        float32 tensor of the shape of ``x``.
+    """
+    x = tf.cast(x, tf.float32)
+    norm = tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True))
+    return tf.math.divide_no_nan(x, norm)
+
+
 def regression_loss(prediction, target):
     """Normalised mean squared error between prediction and target.
 

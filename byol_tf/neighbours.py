@@ -54,14 +54,16 @@ def exact_search(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int) -> t
     """
     import tensorflow as tf
 
+    from byol_tf import losses
+
     if k < 1:
         raise ValueError(f"k: must be at least 1, got {k}")
-    queries = tf.math.l2_normalize(tf.constant(np.asarray(queries, np.float32)), axis=1)
+    queries = losses.unit_rows(np.asarray(queries, np.float32))
     best_scores = tf.zeros([queries.shape[0], 0], tf.float32)
     best_rows = tf.zeros([queries.shape[0], 0], tf.int64)
     offset = 0
     for chunk in chunks:
-        chunk = tf.math.l2_normalize(tf.constant(np.asarray(chunk, np.float32)), axis=1)
+        chunk = losses.unit_rows(np.asarray(chunk, np.float32))
         similarity = tf.matmul(queries, chunk, transpose_b=True)
         scores, rows = tf.math.top_k(similarity, k=min(k, int(chunk.shape[0])))
         # Earlier candidates first: top_k keeps the first of equal values, i.e. the lower row.

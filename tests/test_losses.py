@@ -77,3 +77,30 @@ def test_collapse_std_matches_numpy(rng):
 def test_collapse_std_of_random_vectors_is_one_over_sqrt_dim(rng):
     z = rng.normal(size=(4096, 256)).astype(np.float32)
     np.testing.assert_allclose(losses.collapse_std(z).numpy(), 1.0 / 16.0, rtol=0.1)
+
+
+@pytest.mark.parametrize("dim", [4, 7, 256, 2048])
+def test_unit_rows_gives_equal_rows_the_same_bits_wherever_they_sit(dim):
+    # 100 copies of one row between other rows: every copy must come out bit-identical,
+    # and so must its similarity to any query (kNN and neighbour search break exact ties
+    # by index). tf.math.l2_normalize's vectorised rsqrt broke this at d = 4 and 2048 on
+    # an AVX-512 Intel Xeon.
+    rng = np.random.default_rng(dim)
+    row = rng.normal(size=dim).astype(np.float32)
+    others = rng.normal(size=(37, dim)).astype(np.float32)
+    bank = np.concatenate([others, np.tile(row, (100, 1)), others[:5]])
+    unit = losses.unit_rows(bank).numpy()
+    copies = unit[37:137]
+    assert (copies == copies[0]).all()
+    np.testing.assert_allclose(copies[0], row / np.linalg.norm(row), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    queries = losses.unit_rows(rng.normal(size=(23, dim)).astype(np.float32))
+    similarity = tf.matmul(queries, unit, transpose_b=True).numpy()[:, 37:137]
+    assert (similarity == similarity[:, :1]).all()
+
+
+def test_unit_rows_keeps_zero_rows_zero_and_computes_in_float32():
+    x = tf.constant([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], tf.float16)
+    unit = losses.unit_rows(x)
+    assert unit.dtype == tf.float32
+    np.testing.assert_array_equal(unit.numpy(), np.array([[0.0, 0.0, 0.0], [0.6, 0.0, 0.8]], np.float32))
