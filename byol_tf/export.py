@@ -51,7 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf import augment, checks, fileio, networks, serving
+from byol_tf import augment, checks, fileio, losses, networks, serving
 from byol_tf import config as config_lib
 
 ENCODER_FILE = "encoder.keras"
@@ -101,7 +101,8 @@ class EncoderModule(tf.Module):
     def _outputs(self, images):
         representation = self._representation(images)
         return {
-            "embedding": tf.math.l2_normalize(representation, axis=-1),
+            # unit_rows: equal images get equal embeddings wherever they sit in a batch.
+            "embedding": losses.unit_rows(representation),
             "representation": representation,
         }
 
