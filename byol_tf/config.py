@@ -380,6 +380,12 @@ class EvaluationConfig:
     every epoch, through the frozen encoder; no weight decay; the base learning rate chosen
     from `learning_rate_sweep`. Both choose on a `validation_fraction` of the training
     split (stratified, seeded) and report the held-out split (byol_tf.evaluation).
+    validation_folds: 1 (default, the paper's one carve) or k > 1: stratified k-fold
+    cross-validation of the sweep instead (`validation_fraction` is then unused by the
+    linear protocols): each value trains k times, on all but one fold, and its validation
+    top-1 is pooled over the k held-out folds, i.e. over the whole training split. For small
+    datasets, where a carve of a few hundred images lets one image choose the value; it
+    costs k classifiers per swept value. Fine-tuning keeps the one carve.
     Learning rates are for a batch of 256 (scaled by `linear_batch_size` / 256).
     standardize: standardise features with the training split's mean and std (a
     deviation from the paper, see byol_tf.evaluation); false feeds raw representations.
@@ -411,6 +417,7 @@ class EvaluationConfig:
     linear_flip_prob: float = 0.5
     standardize: bool = True
     validation_fraction: float = 0.1
+    validation_folds: int = 1
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_every_epochs: int = 0
@@ -442,6 +449,7 @@ class EvaluationConfig:
         _check_pair(f"{prefix}.linear_crop_ratio", self.linear_crop_ratio, 0.0, 100.0, low_open=True)
         _check_range(f"{prefix}.linear_flip_prob", self.linear_flip_prob, 0.0, 1.0)
         _check_range(f"{prefix}.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
+        _check_range(f"{prefix}.validation_folds", self.validation_folds, 1, 20)
         _check_range(f"{prefix}.knn_k", self.knn_k, 1, 10**4)
         _check_range(f"{prefix}.knn_temperature", self.knn_temperature, 0.0, 100.0, low_open=True)
         _check_range(f"{prefix}.knn_every_epochs", self.knn_every_epochs, 0, 10**6)

@@ -8,7 +8,11 @@ earlier one in the sweep), retrains with it on the whole training split and repo
 without keeping any image: `validation_split` picks positions in the split's fixed order,
 stratified by label and seeded. The held-out split never chooses anything. A report row
 always has `val_top1`, the validation top-1 of the chosen value, even when the sweep
-holds a single value.
+holds a single value. With `validation_folds` k > 1 the one carve becomes stratified
+k-fold cross-validation (`validation_folds`): every value is trained on k - 1 folds and
+scored on the remaining one, k times, and its `val_top1` is pooled over all training
+images (k classifiers per value; for small datasets, where one carve of a few hundred
+images lets one image decide).
 
 `transfer` (paper App. D, the protocol of its transfer-learning tables): representations
 of centre crops (`augment.center_crop_resize`, no augmentation) are extracted once per
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import logging
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -409,17 +414,17 @@ class Moments:
         return self.mean.astype(np.float32), std.astype(np.float32)
 
 
-def _split_moments(batches: Iterable[tuple[np.ndarray, np.ndarray]], mask: np.ndarray) -> tuple[Moments, Moments]:
-    """Moments of the rows where `mask` is true and of the others, in one pass over ordered batches."""
-    inside = outside = None
+def _group_moments(batches: Iterable[tuple[np.ndarray, np.ndarray]], groups: np.ndarray, num_groups: int) -> list[Moments]:
+    """Moments of the rows of each group (`groups`: int [N], 0..num_groups-1), in one pass over ordered batches."""
+    moments = [None] * num_groups
     position = 0
     for features, _ in batches:
-        chosen = mask[position : position + len(features)]
+        ids = groups[position : position + len(features)]
         position += len(features)
-        parts = Moments.of(features[chosen]), Moments.of(features[~chosen])
-        inside = parts[0] if inside is None else inside.combine(parts[0])
-        outside = parts[1] if outside is None else outside.combine(parts[1])
-    return inside, outside
+        for group in range(num_groups):
+            part = Moments.of(features[ids == group])
+            moments[group] = part if moments[group] is None else moments[group].combine(part)
+    return [Moments.of(np.zeros((0, 1))) if part is None else part for part in moments]
 
 
 def _identity_standardization(dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -720,10 +725,84 @@ def _validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return mask
 
 
+def validation_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Stratified, seeded k-fold assignment: int64 [N], the fold (0..folds-1) of each example.
+
+    Each class's examples, in a seeded random order, are dealt to the folds in turn,
+    carrying on from the fold where the previous class stopped: fold sizes differ by at
+    most one, and a class with at least `folds` examples is in every fold.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    assignment = np.zeros(len(labels), np.int64)
+    start = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        assignment[members] = (start + np.arange(len(members))) % folds
+        start = (start + len(members)) % folds
+    return assignment
+
+
 def _best(sweep: dict[float, float]) -> float:
     """The value with the best validation top-1; ties go to the earlier value of the sweep."""
     order = list(sweep)
     return max(order, key=lambda value: (sweep[value], -order.index(value)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Carve:
+    """Where a sweep is scored: `folds` held-out parts of the training split.
+
+    groups[i] is the held-out part of training example i: 0..folds-1, or `folds` for
+    examples that are never held out (the rest of the split when folds is 1).
+    """
+
+    groups: np.ndarray  # int64 [N]
+    folds: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray, config: EvaluationConfig, seed: int) -> "_Carve":
+        """One `validation_fraction` carve, or stratified k-fold when `validation_folds` > 1."""
+        if config.validation_folds == 1:
+            return cls(np.where(_validation_mask(labels, config.validation_fraction, seed), 0, 1), 1)
+        if len(labels) < config.validation_folds:
+            raise ValueError(
+                f"linear evaluation: evaluation.validation_folds={config.validation_folds} needs at least "
+                f"that many training examples, got {len(labels)}"
+            )
+        return cls(validation_folds(labels, config.validation_folds, seed), config.validation_folds)
+
+    def held_out(self, fold: int) -> np.ndarray:
+        return self.groups == fold
+
+    @property
+    def num_validation(self) -> int:
+        return int((self.groups < self.folds).sum())
+
+    def standardizations(self, batches, dim: int) -> tuple[list, tuple[np.ndarray, np.ndarray]]:
+        """(the standardisation of each fold's fitting part, the whole split's), from one
+        pass over the split's feature batches; identities when `batches` is None."""
+        if batches is None:
+            identity = _identity_standardization(dim)
+            return [identity] * self.folds, identity
+        moments = _group_moments(batches, self.groups, self.folds + (self.folds == 1))
+
+        def union(parts):
+            return functools.reduce(Moments.combine, parts)
+
+        per_fold = [union([m for group, m in enumerate(moments) if group != fold]).standardization()
+                    for fold in range(self.folds)]
+        return per_fold, union(moments).standardization()
+
+    def sweep(self, values, score: Callable[[float, int], float]) -> dict[float, float]:
+        """Each value's top-1 pooled over the held-out parts; score(value, fold) is the
+        top-1 on held-out part `fold` of a classifier fitted on the rest of the split."""
+        result = {}
+        for value in values:
+            # top-1 x count is a whole number of hits: pooled, one fold gives its top-1 exactly.
+            hits = sum(round(score(value, fold) * int(self.held_out(fold).sum())) for fold in range(self.folds))
+            result[float(value)] = hits / self.num_validation
+        return result
 
 
 def _row(*, top1, top5, val_top1, l2, learning_rate, swept, sweep, num_train, num_validation, num_test):
@@ -774,19 +853,19 @@ def _transfer_linear(
     train: _Features, test: _Features, num_classes: int, config: EvaluationConfig, seed: int
 ) -> dict[str, Any]:
     """The transfer protocol on cached features: L2 swept on validation, refit, test."""
-    validation = _validation_mask(train.labels, config.validation_fraction, seed)
-    if config.standardize:
-        fit_moments, validation_moments = _split_moments(train.batches(), ~validation)
-        fit_standardization = fit_moments.standardization()
-        all_standardization = fit_moments.combine(validation_moments).standardization()
-    else:
-        fit_standardization = all_standardization = _identity_standardization(train.dim)
+    carve = _Carve.of(train.labels, config, seed)
+    fold_standardization, all_standardization = carve.standardizations(
+        train.batches() if config.standardize else None, train.dim
+    )
 
-    sweep = {}
-    for l2 in config.l2_sweep:
-        classifier = _fit_features(train, ~validation, num_classes, l2, config, seed, fit_standardization)
-        sweep[float(l2)] = _accuracies(classifier, train.batches(validation))[0]
-        logger.debug("transfer protocol: l2=%g validation top-1 %.4f", l2, sweep[float(l2)])
+    def score(l2, fold):
+        held_out = carve.held_out(fold)
+        classifier = _fit_features(train, ~held_out, num_classes, l2, config, seed, fold_standardization[fold])
+        top1 = _accuracies(classifier, train.batches(held_out))[0]
+        logger.debug("transfer protocol: l2=%g fold %d validation top-1 %.4f", l2, fold, top1)
+        return top1
+
+    sweep = carve.sweep(config.l2_sweep, score)
     best_l2 = _best(sweep)
     classifier = _fit_features(train, None, num_classes, best_l2, config, seed, all_standardization)
     top1, top5 = _accuracies(classifier, test.batches())
@@ -799,7 +878,7 @@ def _transfer_linear(
         swept="l2",
         sweep=sweep,
         num_train=len(train.labels),
-        num_validation=int(validation.sum()),
+        num_validation=carve.num_validation,
         num_test=len(test.labels),
     )
 
@@ -934,13 +1013,14 @@ def linear_training_dataset(
 
 @dataclasses.dataclass(frozen=True)
 class _ImageSplits:
-    """The imagenet protocol's inputs: image streams, their labels, the carved validation part."""
+    """Image streams and their labels; `validation` is fine-tuning's carved part (the linear
+    protocols carve their own, `_Carve`)."""
 
     train: tf.data.Dataset
     train_labels: np.ndarray
     test: tf.data.Dataset
     test_labels: np.ndarray
-    validation: np.ndarray  # bool [N train]
+    validation: np.ndarray | None = None  # bool [N train]
 
 
 def _fit_images(
@@ -995,7 +1075,7 @@ def _imagenet_linear(
     featurize = _encoder_featurizer(encoder)
     centre_featurize = _compiled(featurize, config.augment.image_size)
     dim = _output_dim(encoder, config.augment.image_size)
-    validation = splits.validation
+    carve = _Carve.of(splits.train_labels, evaluation, seed)
 
     def centre_features(images, mask=None):
         return _centre_crop_features(
@@ -1006,21 +1086,21 @@ def _imagenet_linear(
             config.data.num_parallel_calls,
         )
 
-    if evaluation.standardize:
-        fit_moments, validation_moments = _split_moments(centre_features(splits.train), ~validation)
-        fit_standardization = fit_moments.standardization()
-        all_standardization = fit_moments.combine(validation_moments).standardization()
-    else:
-        fit_standardization = all_standardization = _identity_standardization(dim)
-
+    fold_standardization, all_standardization = carve.standardizations(
+        centre_features(splits.train) if evaluation.standardize else None, dim
+    )
     run_epochs = _make_train_function(featurize)
-    sweep = {}
-    for learning_rate in evaluation.learning_rate_sweep:
+
+    def score(learning_rate, fold):
+        held_out = carve.held_out(fold)
         classifier = _fit_images(
-            splits, ~validation, run_epochs, dim, num_classes, learning_rate, config, seed, fit_standardization
+            splits, ~held_out, run_epochs, dim, num_classes, learning_rate, config, seed, fold_standardization[fold]
         )
-        sweep[float(learning_rate)] = _accuracies(classifier, centre_features(splits.train, validation))[0]
-        logger.debug("imagenet protocol: learning rate %g validation top-1 %.4f", learning_rate, sweep[learning_rate])
+        top1 = _accuracies(classifier, centre_features(splits.train, held_out))[0]
+        logger.debug("imagenet protocol: learning rate %g fold %d validation top-1 %.4f", learning_rate, fold, top1)
+        return top1
+
+    sweep = carve.sweep(evaluation.learning_rate_sweep, score)
     best_rate = _best(sweep)
     classifier = _fit_images(
         splits, None, run_epochs, dim, num_classes, best_rate, config, seed, all_standardization
@@ -1035,7 +1115,7 @@ def _imagenet_linear(
         swept="learning_rate",
         sweep=sweep,
         num_train=len(splits.train_labels),
-        num_validation=int(validation.sum()),
+        num_validation=carve.num_validation,
         num_test=len(splits.test_labels),
     )
     row["knn_top1"] = None
@@ -1303,7 +1383,6 @@ def _evaluate_imagenet(encoder, config, train_images, test_images, baselines, nu
         train_labels=train_labels,
         test=test_images,
         test_labels=test_labels,
-        validation=_validation_mask(train_labels, config.evaluation.validation_fraction, seed),
     )
     encoders = [(BYOL, lambda: encoder)]
     if baselines:

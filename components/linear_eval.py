@@ -12,10 +12,11 @@ raw pixels under the transfer protocol), and writes
   byol **validation** top-1 >= random-init validation top-1 + `blessing_margin` AND >= the
   validation top-1 of the latest blessed encoder (`baseline_blessing`, resolved from ML
   Metadata by the pipeline's LatestBlessedModelStrategy resolver). The validation split is
-  carved from the training images (`evaluation.validation_fraction`, seeded); the test
-  split (`eval`, held out of pretraining) is reported and never decides which encoder is
-  deployed. The blessing carries `current_model_id` (so the resolver can find it next run)
-  and `byol_val_top1` (so the next run can compare with it).
+  carved from the training images (`evaluation.validation_fraction`, seeded, or pooled over
+  `evaluation.validation_folds` folds of them); the test split (`eval`, held out of
+  pretraining) is reported and never decides which encoder is deployed. The blessing
+  carries `current_model_id` (so the resolver can find it next run) and `byol_val_top1` (so
+  the next run can compare with it).
 
 With `evaluation.finetune_in_pipeline: true` (default off: a training run per learning
 rate, label fraction and encoder) it also runs `byol_tf.finetune.evaluate` on the same

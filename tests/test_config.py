@@ -151,6 +151,8 @@ def test_configs_are_frozen():
         ({"evaluation": {"linear_flip_prob": 2}}, r"^evaluation\.linear_flip_prob: 2\.0 is outside"),
         ({"evaluation": {"standardize": "no"}}, r"^evaluation\.standardize: expected true or false"),
         ({"evaluation": {"projector_images": -1}}, r"^evaluation\.projector_images: -1 is outside the allowed range \[0, 10000\]"),
+        ({"evaluation": {"validation_folds": 0}}, r"^evaluation\.validation_folds: 0 is outside the allowed range \[1, 20\]"),
+        ({"evaluation": {"validation_folds": 2.5}}, r"^evaluation\.validation_folds"),
         ({"evaluation": {"projector_images": 10_001}}, r"^evaluation\.projector_images: 10001 is outside"),
         ({"evaluation": {"finetune_label_fractions": []}}, r"^evaluation\.finetune_label_fractions: must hold at least"),
         (

@@ -220,21 +220,96 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 # ------------------------------------------------------------------ streaming pieces
 
 
-def test_moments_combine_and_split_match_numpy():
+def test_moments_combine_and_group_match_numpy():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(103, 5)) * [1, 10, 100, 1e3, 1e-3] + 1e4).astype(np.float32)
-    mask = rng.random(103) < 0.3
+    groups = rng.integers(0, 3, 103)
     batches = [(x[start : start + 16], np.zeros(16)) for start in range(0, 103, 16)]
-    inside, outside = evaluation._split_moments(batches, mask)
-    for part, rows in ((inside, x[mask]), (outside, x[~mask])):
+    parts = evaluation._group_moments(batches, groups, 3)
+    for group, part in enumerate(parts):
+        rows = x[groups == group]
         assert part.count == len(rows)
         np.testing.assert_allclose(part.mean, rows.astype(np.float64).mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(part.m2, rows.astype(np.float64).var(axis=0) * len(rows), rtol=1e-9)
-    mean, std = inside.combine(outside).standardization()
+    mean, std = parts[0].combine(parts[1]).combine(parts[2]).standardization()
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(std, x.astype(np.float64).std(axis=0), rtol=1e-5)
     # A constant dimension gets the floor, not a division by zero.
     np.testing.assert_array_equal(evaluation.Moments.of(np.ones((4, 2))).standardization()[1], np.float32(1e-6))
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_validation_folds_partition_each_class_evenly(folds):
+    labels = np.random.default_rng(4).choice(5, size=203, p=[0.4, 0.3, 0.2, 0.08, 0.02])
+    assignment = evaluation.validation_folds(labels, folds, seed=3)
+    assert assignment.shape == labels.shape and set(np.unique(assignment)) == set(range(folds))
+    sizes = np.bincount(assignment, minlength=folds)
+    assert sizes.sum() == len(labels) and sizes.max() - sizes.min() <= 1
+    for label in np.unique(labels):
+        per_fold = np.bincount(assignment[labels == label], minlength=folds)
+        assert per_fold.max() - per_fold.min() <= 1  # stratified: every class spread evenly
+    np.testing.assert_array_equal(assignment, evaluation.validation_folds(labels, folds, seed=3))
+    assert not np.array_equal(assignment, evaluation.validation_folds(labels, folds, seed=4))
+
+
+def test_k_fold_sweep_pools_every_fold_against_a_reference():
+    # Reference from the public pieces: for each fold, a classifier on the other folds
+    # (standardised by their own moments, as train_linear_classifier does) and its top-1
+    # on the fold; pooled = hits over all training examples.
+    x, y = _blobs(150, spread=1.0)
+    config = EvaluationConfig(linear_epochs=2, linear_batch_size=64, l2_sweep=(1e-4,), validation_folds=3)
+    result = evaluation.linear_evaluation(x[:120], y[:120], x[120:], y[120:], 4, config, seed=2)
+    assignment = evaluation.validation_folds(y[:120], 3, seed=2)
+    hits = 0
+    for fold in range(3):
+        fit, held = assignment != fold, assignment == fold
+        classifier = evaluation.train_linear_classifier(
+            x[:120][fit], y[:120][fit], 4, 1e-4, 2, 64, config.linear_base_learning_rate, seed=2
+        )
+        hits += evaluation.top_k_accuracy(classifier.logits(x[:120][held]), y[:120][held], 1) * held.sum()
+    assert result["num_validation"] == 120
+    assert result["val_top1"] == pytest.approx(hits / 120)
+    assert 0.0 < result["val_top1"] < 1.0
+
+
+def test_k_fold_sweep_fits_every_fold_then_refits_once(monkeypatch):
+    x, y = _blobs(100)
+
+    class Fake:
+        def __init__(self, mask):
+            self.mask = mask
+
+        def logits(self, features):
+            return np.tile(np.eye(4, dtype=np.float32)[0], (len(features), 1))  # always class 0
+
+    calls = []
+
+    def fake_fit(train, mask, num_classes, l2, config, seed, standardization):
+        calls.append((None if mask is None else mask.copy(), l2, standardization))
+        return Fake(mask)
+
+    monkeypatch.setattr(evaluation, "_fit_features", fake_fit)
+    config = EvaluationConfig(l2_sweep=(0.5, 0.0), validation_folds=4)
+    result = evaluation.linear_evaluation(x[:80], y[:80], x[80:], y[80:], 4, config, seed=1)
+    assignment = evaluation.validation_folds(y[:80], 4, seed=1)
+    # Two values x four folds, each fitted on the other three folds, then one refit on all.
+    assert [l2 for _, l2, _ in calls] == [0.5] * 4 + [0.0] * 4 + [0.5]
+    for index, (mask, _, (mean, std)) in enumerate(calls[:8]):
+        np.testing.assert_array_equal(mask, assignment != index % 4)
+        np.testing.assert_allclose(mean, x[:80][mask].mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std, x[:80][mask].std(axis=0), rtol=1e-4)
+    assert calls[-1][0] is None
+    np.testing.assert_allclose(calls[-1][2][0], x[:80].mean(axis=0), rtol=1e-5, atol=1e-6)
+    # Every training example is held out once: pooled top-1 of "always 0" = class 0's share.
+    assert result["num_validation"] == 80
+    assert result["sweep"][0.5] == pytest.approx(np.mean(y[:80] == 0))
+
+
+def test_k_fold_needs_as_many_examples_as_folds():
+    x, y = _blobs(8)
+    config = EvaluationConfig(linear_epochs=1, validation_folds=5)
+    with pytest.raises(ValueError, match=r"evaluation\.validation_folds=5 needs at least that many training examples, got 4"):
+        evaluation.linear_evaluation(x[:4], y[:4], x[4:], y[4:], 4, config)
 
 
 def test_feature_file_round_trip_and_label_checks(tmp_path):
@@ -522,6 +597,14 @@ def test_imagenet_protocol_trains_on_fresh_crops_and_tests_on_centre_crops():
     np.testing.assert_allclose(log[5], centre(images[24:]), atol=1e-6)
 
 
+def _channel_reader(channel):
+    """A classifier saying class 1 when the channel's mean is above 0.5."""
+    kernel = np.zeros((3, 2), np.float32)
+    kernel[channel] = [-1.0, 1.0]
+    bias = np.array([0.5, -0.5], np.float32)
+    return evaluation.LinearClassifier(kernel, bias, np.zeros(3, np.float32), np.ones(3, np.float32))
+
+
 def test_imagenet_learning_rate_is_chosen_on_validation_not_test(monkeypatch):
     """The classifier fitted at 0.3 reads red, at 0.1 green; train says red, test says green.
 
@@ -531,18 +614,11 @@ def test_imagenet_learning_rate_is_chosen_on_validation_not_test(monkeypatch):
     train_labels, test_labels = np.tile([0, 1], 20), np.tile([0, 1], 5)
     arrays = (synthetic.channel_images(train_labels, 0), train_labels, synthetic.channel_images(test_labels, 1), test_labels)
 
-    def reader(channel):
-        # Class 1 when the channel's mean is above 0.5.
-        kernel = np.zeros((3, 2), np.float32)
-        kernel[channel] = [-1.0, 1.0]
-        bias = np.array([0.5, -0.5], np.float32)
-        return evaluation.LinearClassifier(kernel, bias, np.zeros(3, np.float32), np.ones(3, np.float32))
-
     calls = []
 
     def fake_fit(splits, mask, run_epochs, dim, num_classes, base_learning_rate, config, seed, standardization):
         calls.append((len(splits.train_labels) if mask is None else int(mask.sum()), base_learning_rate))
-        return reader(0 if base_learning_rate == 0.3 else 1)
+        return _channel_reader(0 if base_learning_rate == 0.3 else 1)
 
     monkeypatch.setattr(evaluation, "_fit_images", fake_fit)
     config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.1, 0.3), validation_fraction=0.25)
@@ -551,6 +627,23 @@ def test_imagenet_learning_rate_is_chosen_on_validation_not_test(monkeypatch):
     assert row["learning_rate"] == 0.3 and row["sweep"] == {0.1: 0.0, 0.3: 1.0} and row["val_top1"] == 1.0
     assert row["top1"] == 0.0  # the test set would have preferred 0.1
     assert calls == [(30, 0.1), (30, 0.3), (40, 0.3)]
+
+
+def test_imagenet_protocol_sweeps_over_folds(monkeypatch):
+    labels = np.tile([0, 1], 20)
+    arrays = (synthetic.channel_images(labels, 0), labels, synthetic.channel_images(labels[:10], 0), labels[:10])
+    calls = []
+
+    def fake_fit(splits, mask, run_epochs, dim, num_classes, base_learning_rate, config, seed, standardization):
+        calls.append((None if mask is None else int(mask.sum()), base_learning_rate))
+        return _channel_reader(0 if base_learning_rate == 0.3 else 1)  # channel 1: always wrong
+
+    monkeypatch.setattr(evaluation, "_fit_images", fake_fit)
+    config = _toy_config(protocol="imagenet", learning_rate_sweep=(0.1, 0.3), validation_folds=4)
+    report = evaluation.evaluate(_mean_colour_encoder(), config, arrays=arrays, baselines=False, progress=False)
+    row = report.rows["byol"]
+    assert calls == [(30, 0.1)] * 4 + [(30, 0.3)] * 4 + [(None, 0.3)]
+    assert row["num_validation"] == 40 and row["sweep"] == {0.1: 0.0, 0.3: 1.0} and row["learning_rate"] == 0.3
 
 
 def _whole_image_view(flip_prob=0.0):
