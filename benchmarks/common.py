@@ -236,8 +236,10 @@ def serve(step: Callable[[], object], info: Mapping, warmup: int) -> None:
     """Runs the worker side of the protocol until stdin says QUIT (or closes)."""
     import sys
 
+    flush_native = _native_stdout_flush() if os.environ.get("ONEDNN_VERBOSE") else (lambda: None)
     for _ in range(warmup):
         step()
+    flush_native()  # the warm-up's oneDNN verbose lines go out before READY, not with step 1
     send("ready", dict(info))
     for line in sys.stdin:
         command = line.split()
@@ -251,7 +253,17 @@ def serve(step: Callable[[], object], info: Mapping, warmup: int) -> None:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        flush_native()
         send("times", times)
+
+
+def _native_stdout_flush() -> Callable[[], None]:
+    """Flushes C stdio's buffers, where native libraries (oneDNN's verbose mode) print: on a
+    pipe they are block-buffered, and their lines would reach the driver steps late."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    return lambda: libc.fflush(None)
 
 
 def versions(packages) -> dict:

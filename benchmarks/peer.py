@@ -15,6 +15,18 @@ in-memory views and a LARS optimizer excluding biases and BN parameters. byol-tf
 online linear probe and metrics, which lightly's step does not have (byol-tf is charged for
 them). Prints one JSON line `versus_peer` per byol-tf worker: value = byol-tf images/s /
 lightly images/s (target >= 1.3), with both medians.
+
+`--kernels` profiles the same steps op by op instead: both workers run with oneDNN's
+verbose mode (`ONEDNN_VERBOSE=1`; TensorFlow's convolutions, BatchNorm and matmuls and
+PyTorch's convolutions run in oneDNN, its BatchNorm in ATen, outside this table), every timed
+step's primitives are collected, and
+one JSON line `peer_kernels` per byol-tf worker gives milliseconds per step for each
+(primitive, propagation, problem shape) on both sides, largest first (a table of them goes to
+stderr). Verbose mode times each primitive, so steps run slower than without it: compare
+kernels, not step times. TensorFlow runs independent branches at once (inter-op threads), which
+lengthens each overlapping kernel's wall time; `TF_NUM_INTEROP_THREADS=1` gives per-kernel
+times free of that overlap. Where the CPU lacks an instruction set, or to emulate one that
+lacks it: `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from benchmarks import common, presets
 
 TORCH_PYTHON = os.path.join(presets.ROOT, "benchmarks", ".venv-torch", "bin", "python")
 TARGET_SPEEDUP = 1.3
+KERNEL_ROWS = 40  # rows of the per-shape kernel comparison kept in a `peer_kernels` record
 
 
 class Worker:
@@ -47,9 +60,12 @@ class Worker:
             env=env,
         )
 
-    def receive(self, kind: str):
+    def receive(self, kind: str, collect: list | None = None):
+        """The payload of the next `kind` message; other output lines go to `collect` if given."""
         for line in self.process.stdout:
             if not line.startswith(common.PROTOCOL_PREFIX):
+                if collect is not None:
+                    collect.append(line)
                 continue
             message = json.loads(line[len(common.PROTOCOL_PREFIX):])
             if message["kind"] == "error":
@@ -59,10 +75,10 @@ class Worker:
         code = self.process.wait()
         raise RuntimeError(f"{self.name} worker exited with code {code} before sending {kind!r}")
 
-    def run(self, steps: int) -> list[float]:
+    def run(self, steps: int, collect: list | None = None) -> list[float]:
         self.process.stdin.write(f"RUN {steps}\n")
         self.process.stdin.flush()
-        return self.receive("times")
+        return self.receive("times", collect)
 
     def close(self):
         if self.process.poll() is None:
@@ -124,23 +140,27 @@ def drive(args) -> list[dict]:
         commands[f"byol-tf xla={'on' if jit_compile else 'off'}"] = command
     commands["lightly"] = [args.torch_python, "-m", "benchmarks.peer_lightly", "--serve",
                            "--threads", str(args.threads), *shared, *heads]
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"} if args.kernels else None
     workers, infos = [], {}
     try:
         # One at a time: each builds and warms up on an otherwise idle machine.
         for name, command in commands.items():
-            workers.append(Worker(name, command))
+            workers.append(Worker(name, command, env))
             infos[name] = workers[-1].receive("ready")
         times = {worker.name: [] for worker in workers}
+        output = {worker.name: [] for worker in workers}
         for _ in range(args.reps):
             for worker in workers:
                 time.sleep(args.pause)
-                times[worker.name] += worker.run(args.steps_per_turn)
+                times[worker.name] += worker.run(args.steps_per_turn, output[worker.name])
     finally:
         for worker in workers:
             worker.close()
 
     torch_info = infos.pop("lightly")
     torch_median = common.median(times["lightly"])
+    if args.kernels:
+        return kernel_records(args, infos, torch_info, times, output)
     records = []
     for name, tf_info in infos.items():
         tf_median = common.median(times[name])
@@ -152,6 +172,7 @@ def drive(args) -> list[dict]:
             "optimizer": args.optimizer,
             "jit_compile": tf_info["jit_compile"],
             "torch_threads": torch_info["torch_threads"],
+            "overrides": list(args.set),
             "smoke": args.smoke,
         }
         records.append(common.record(
@@ -169,7 +190,115 @@ def drive(args) -> list[dict]:
             lightly_times_s=times["lightly"],
             byol_tf=tf_info,
             lightly=torch_info,
+            environment=kernel_environment(),
             target=TARGET_SPEEDUP,
+        ))
+    return records
+
+
+# ------------------------------------------------------------------ --kernels
+
+
+def kernel_environment() -> dict:
+    """The variables that cap or reshape both sides' kernels, as set for this run: records
+    from an emulated instruction set must say so."""
+    names = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def onednn_kernels(lines) -> dict[tuple[str, str, str], list]:
+    """{(primitive, propagation, problem): [calls, milliseconds]} summed over oneDNN verbose
+    `primitive,exec` lines (`ONEDNN_VERBOSE=1`); other lines are ignored.
+
+    A line reads `onednn_verbose[,timestamp],v1,primitive,exec,ENGINE,PRIMITIVE,IMPLEMENTATION,
+    PROPAGATION,MEMORY...,ATTRIBUTES,ALGORITHM,PROBLEM,MILLISECONDS`; the implementation is
+    left out of the key, so both libraries' kernels for the same problem meet in one row.
+    """
+    table: dict[tuple[str, str, str], list] = {}
+    for line in lines:
+        if not line.startswith("onednn_verbose") or ",primitive,exec," not in line:
+            continue
+        fields = line.rstrip("\n").split(",")
+        at = fields.index("exec", fields.index("primitive"))
+        try:
+            milliseconds = float(fields[-1])
+        except ValueError:  # a line cut short when the process stopped
+            continue
+        key = (fields[at + 2], fields[at + 4], fields[-2])
+        entry = table.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += milliseconds
+    return table
+
+
+def kernel_comparison(ours: dict, theirs: dict, steps: int) -> tuple[list[dict], list[dict]]:
+    """(rows per problem, rows per primitive and propagation), milliseconds per step on each
+    side, the most expensive (both sides together) first."""
+
+    def rows(table_a, table_b, key_names):
+        merged: dict[tuple, list] = {}
+        for side, table in ((0, table_a), (1, table_b)):
+            for key, (calls, milliseconds) in table.items():
+                entry = merged.setdefault(key, [0, 0.0, 0, 0.0])
+                entry[2 * side] += calls
+                entry[2 * side + 1] += milliseconds
+        ordered = sorted(merged.items(), key=lambda item: (-(item[1][1] + item[1][3]), item[0]))
+        return [
+            {**dict(zip(key_names, key)),
+             "byol_tf_ms": milliseconds_a / steps, "lightly_ms": milliseconds_b / steps,
+             "byol_tf_calls": calls_a / steps, "lightly_calls": calls_b / steps}
+            for key, (calls_a, milliseconds_a, calls_b, milliseconds_b) in ordered
+        ]
+
+    def by_primitive(table):
+        grouped: dict[tuple[str, str], list] = {}
+        for (primitive, propagation, _), (calls, milliseconds) in table.items():
+            entry = grouped.setdefault((primitive, propagation), [0, 0.0])
+            entry[0] += calls
+            entry[1] += milliseconds
+        return grouped
+
+    return (rows(ours, theirs, ("primitive", "propagation", "problem")),
+            rows(by_primitive(ours), by_primitive(theirs), ("primitive", "propagation")))
+
+
+def kernel_records(args, tf_infos: dict, torch_info: dict, times: dict, output: dict) -> list[dict]:
+    """One `peer_kernels` record per byol-tf worker (and a readable table on stderr)."""
+    steps = args.reps * args.steps_per_turn
+    theirs = onednn_kernels(output["lightly"])
+    if not theirs:
+        raise RuntimeError("no oneDNN verbose lines from lightly: does this torch build use oneDNN?")
+    records = []
+    for name, tf_info in tf_infos.items():
+        ours = onednn_kernels(output[name])
+        if not ours:
+            raise RuntimeError(f"no oneDNN verbose lines from {name}: is TF_ENABLE_ONEDNN_OPTS=0 set?")
+        problems, primitives = kernel_comparison(ours, theirs, steps)
+        ours_ms = sum(row["byol_tf_ms"] for row in primitives)
+        theirs_ms = sum(row["lightly_ms"] for row in primitives)
+        print(f"{name} vs lightly: oneDNN milliseconds per step (ONEDNN_VERBOSE), {steps} steps each",
+              file=sys.stderr)
+        print(f"{'primitive':22s} {'propagation':18s} {'byol-tf':>9s} {'lightly':>9s}", file=sys.stderr)
+        for row in primitives:
+            print(f"{row['primitive']:22s} {row['propagation']:18s} {row['byol_tf_ms']:9.1f} "
+                  f"{row['lightly_ms']:9.1f}", file=sys.stderr)
+        print(f"{'total':41s} {ours_ms:9.1f} {theirs_ms:9.1f}", file=sys.stderr)
+        records.append(common.record(
+            "peer_kernels",
+            {"encoder": args.encoder, "batch": args.batch, "size": args.size, "heads": tf_info["heads"],
+             "optimizer": args.optimizer, "jit_compile": tf_info["jit_compile"],
+             "torch_threads": torch_info["torch_threads"], "overrides": list(args.set), "smoke": args.smoke},
+            theirs_ms / ours_ms,
+            "x lightly (oneDNN time per step)",
+            common.median(times[name]),
+            steps,
+            args.out,
+            byol_tf_onednn_ms=ours_ms,
+            lightly_onednn_ms=theirs_ms,
+            lightly_median_s=common.median(times["lightly"]),
+            environment=kernel_environment(),
+            by_primitive=primitives,
+            problems=problems[:KERNEL_ROWS],
         ))
     return records
 
@@ -184,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-turn", type=int, default=1)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds idle between turns")
     parser.add_argument("--torch-python", default=TORCH_PYTHON)
+    parser.add_argument("--kernels", action="store_true",
+                        help="profile oneDNN kernels per step on both sides instead of timing steps")
     parser.add_argument("--worker-tf", action="store_true", help=argparse.SUPPRESS)
     common.add_common_arguments(parser)
     return parser

@@ -44,7 +44,9 @@ def load(paths) -> list[dict]:
                 # A switch record's "default" names the library default when it ran: a label,
                 # not part of what was measured (it changed when jit_compile became 'auto').
                 config = {k: v for k, v in entry["config"].items() if k != "default"}
-                key = (entry["benchmark"], json.dumps(config, sort_keys=True))
+                # Runs under capped instruction sets or other thread settings are other measurements.
+                key = (entry["benchmark"], json.dumps(config, sort_keys=True),
+                       json.dumps(entry.get("environment") or {}, sort_keys=True))
                 latest.pop(key, None)  # re-insert: keeps file order of the latest run
                 latest[key] = entry
     return list(latest.values())

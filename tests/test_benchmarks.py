@@ -246,6 +246,84 @@ def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
     assert entry["config"]["heads"] == [32, 16, 32]
 
 
+# oneDNN verbose lines as TensorFlow 2.21 (oneDNN 3.7) and torch 2.14 (oneDNN 3.12) print them.
+_TF_FORWARD = ("onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx2,forward_training,"
+               "src:f32::blocked:acdb::f0 wei:f32:a:blocked:Acdb32a::f0 bia:undef::undef::: "
+               "dst:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,"
+               "mb128_ic64oc64_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1,{ms}\n")
+_TORCH_FORWARD = ("onednn_verbose,v1,primitive,exec,cpu,convolution,jit:avx2,forward_training,"
+                  "src:f32:a:blocked:aBcd8b::f0 wei:f32:a:blocked:ABcd8b8a::f0 bia:undef::undef::: "
+                  "dst:f32:a:blocked:aBcd8b::f0,attr-scratchpad:user,alg:convolution_direct,"
+                  "mb128_ic64oc64_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1,{ms}\n")
+_TF_WEIGHTS = ("onednn_verbose,1796676798.5,v1,primitive,exec,cpu,convolution,jit_1x1:avx2,backward_weights,"
+               "src:f32::blocked:acdb::f0 wei:f32:a:blocked:ABcd8b8a::f0 bia:undef::undef::: "
+               "dst:f32::blocked:acdb::f0,,alg:convolution_direct,"
+               "mb128_ic256oc512_ih8oh4kh1sh2dh0ph0_iw8ow4kw1sw2dw0pw0,{ms}\n")
+_TORCH_REORDER = ("onednn_verbose,v1,primitive,exec,cpu,reorder,jit:blk,undef,"
+                  "src:f32::blocked:abcd::f0 dst:f32::blocked:aBcd8b::f0,,,128x64x32x32,{ms}\n")
+
+
+def test_onednn_kernels_sum_exec_lines_by_primitive_propagation_and_problem():
+    lines = [
+        "onednn_verbose,v1,info,oneDNN v3.7.3 (commit N/A)\n",
+        "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,jit:avx2,forward_training,,,,mb1,0.5\n",
+        _TF_FORWARD.format(ms=2.5), _TF_FORWARD.format(ms=1.25),
+        _TF_WEIGHTS.format(ms=4.0),  # with a timestamp field (ONEDNN_VERBOSE_TIMESTAMP=1)
+        _TF_FORWARD.format(ms="")[:60],  # cut short when the process stopped
+        "byol-tf: some library output\n",
+    ]
+    table = peer.onednn_kernels(lines)
+    assert table == {
+        ("convolution", "forward_training", "mb128_ic64oc64_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1"): [2, 3.75],
+        ("convolution", "backward_weights", "mb128_ic256oc512_ih8oh4kh1sh2dh0ph0_iw8ow4kw1sw2dw0pw0"): [1, 4.0],
+    }
+
+
+def test_kernel_comparison_meets_both_sides_per_problem_and_per_primitive():
+    ours = peer.onednn_kernels([_TF_FORWARD.format(ms=3.0), _TF_FORWARD.format(ms=5.0), _TF_WEIGHTS.format(ms=2.0)])
+    theirs = peer.onednn_kernels([_TORCH_FORWARD.format(ms=2.0), _TORCH_FORWARD.format(ms=2.0),
+                                  _TORCH_REORDER.format(ms=1.0)])
+    problems, primitives = peer.kernel_comparison(ours, theirs, steps=2)
+    # Different implementations (brg_conv_fwd vs jit) of one problem share a row.
+    assert [(row["problem"], row["byol_tf_ms"], row["lightly_ms"], row["byol_tf_calls"], row["lightly_calls"])
+            for row in problems] == [
+        ("mb128_ic64oc64_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1", 4.0, 2.0, 1.0, 1.0),
+        ("mb128_ic256oc512_ih8oh4kh1sh2dh0ph0_iw8ow4kw1sw2dw0pw0", 1.0, 0.0, 0.5, 0.0),
+        ("128x64x32x32", 0.0, 0.5, 0.0, 0.5),
+    ]
+    assert [(row["primitive"], row["propagation"], row["byol_tf_ms"], row["lightly_ms"]) for row in primitives] == [
+        ("convolution", "forward_training", 4.0, 2.0),
+        ("convolution", "backward_weights", 1.0, 0.0),
+        ("reorder", "undef", 0.0, 0.5),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
+)
+def test_peer_kernels_smoke_collects_both_sides_kernels(tmp_path):
+    out = tmp_path / "kernels.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peer", "--smoke", "--kernels", "--encoder", "small_convnet",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = _lines(out.read_text())
+    _check_record(entry, "peer_kernels")
+    by_primitive = {(row["primitive"], row["propagation"]): row for row in entry["by_primitive"]}
+    for propagation in ("forward_training", "backward_data", "backward_weights"):
+        row = by_primitive[("convolution", propagation)]
+        assert row["byol_tf_ms"] > 0 and row["lightly_ms"] > 0, row
+    # The same BYOL step on both sides: as many forward convolutions per step (online and
+    # target, both views), counted from what each library executed.
+    assert by_primitive[("convolution", "forward_training")]["byol_tf_calls"] == \
+        by_primitive[("convolution", "forward_training")]["lightly_calls"]
+    assert entry["byol_tf_onednn_ms"] == pytest.approx(sum(row["byol_tf_ms"] for row in entry["by_primitive"]),
+                                                       rel=1e-3)
+
+
 # ------------------------------------------------------------ quality versus the peer
 
 
@@ -420,6 +498,19 @@ def test_report_plot_is_a_png(tmp_path):
     _fake_results(results)
     assert report.plot(report.load([str(results)]), str(tmp_path / "scaling.png"))
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_keeps_the_latest_record_per_config_and_environment(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"benchmark": "versus_peer", "config": {"a": 1}, "value": 1.0, "unit": "x"},
+        {"benchmark": "versus_peer", "config": {"a": 1}, "value": 2.0, "unit": "x",
+         "environment": {"ONEDNN_MAX_CPU_ISA": "AVX2"}},
+        {"benchmark": "versus_peer", "config": {"a": 1}, "value": 3.0, "unit": "x", "environment": {}},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # No environment and an empty one are the same run setting: the later (3.0) replaces 1.0.
+    assert [entry["value"] for entry in report.load([str(path)])] == [2.0, 3.0]
 
 
 def test_report_rejects_a_malformed_line(tmp_path):
