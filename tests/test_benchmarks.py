@@ -227,18 +227,27 @@ def test_gpu_step_script_runs_the_four_settings(tmp_path):
 # ------------------------------------------------------------------------ the peer
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_torch_venv = pytest.mark.skipif(
     not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
 )
-def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
+
+
+def _peer_smoke(tmp_path, *flags) -> dict:
+    """The one record of `benchmarks.peer --smoke` on the demo net, run as a user would."""
     out = tmp_path / "peer.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peer", "--smoke", "--encoder", "small_convnet", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.peer", "--smoke", *flags, "--encoder", "small_convnet", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (entry,) = _lines(out.read_text())
+    return entry
+
+
+@pytest.mark.slow
+@needs_torch_venv
+def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
+    entry = _peer_smoke(tmp_path)
     _check_record(entry, "versus_peer", "x lightly")
     assert len(entry["byol_tf_times_s"]) == len(entry["lightly_times_s"]) == 2
     assert entry["value"] == pytest.approx(entry["byol_tf_images_per_s"] / entry["lightly_images_per_s"], rel=1e-3)
@@ -299,18 +308,9 @@ def test_kernel_comparison_meets_both_sides_per_problem_and_per_primitive():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not os.path.exists(peer.TORCH_PYTHON), reason="no benchmarks/.venv-torch (benchmarks/setup_torch_venv.sh)"
-)
+@needs_torch_venv
 def test_peer_kernels_smoke_collects_both_sides_kernels(tmp_path):
-    out = tmp_path / "kernels.jsonl"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peer", "--smoke", "--kernels", "--encoder", "small_convnet",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (entry,) = _lines(out.read_text())
+    entry = _peer_smoke(tmp_path, "--kernels")
     _check_record(entry, "peer_kernels")
     by_primitive = {(row["primitive"], row["propagation"]): row for row in entry["by_primitive"]}
     for propagation in ("forward_training", "backward_data", "backward_weights"):
