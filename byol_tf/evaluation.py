@@ -776,8 +776,18 @@ class _Carve:
         return self.groups == fold
 
     @property
+    def num_groups(self) -> int:
+        """The folds, plus the never-held-out rest when there is one carve."""
+        return self.folds + 1 if self.folds == 1 else self.folds
+
+    @property
+    def fold_sizes(self) -> np.ndarray:
+        """int64 [folds]: how many examples each fold holds out."""
+        return np.bincount(self.groups, minlength=self.num_groups)[: self.folds]
+
+    @property
     def num_validation(self) -> int:
-        return int((self.groups < self.folds).sum())
+        return int(self.fold_sizes.sum())
 
     def standardizations(self, batches, dim: int) -> tuple[list, tuple[np.ndarray, np.ndarray]]:
         """(the standardisation of each fold's fitting part, the whole split's), from one
@@ -785,7 +795,7 @@ class _Carve:
         if batches is None:
             identity = _identity_standardization(dim)
             return [identity] * self.folds, identity
-        moments = _group_moments(batches, self.groups, self.folds + (self.folds == 1))
+        moments = _group_moments(batches, self.groups, self.num_groups)
 
         def union(parts):
             return functools.reduce(Moments.combine, parts)
@@ -797,11 +807,12 @@ class _Carve:
     def sweep(self, values, score: Callable[[float, int], float]) -> dict[float, float]:
         """Each value's top-1 pooled over the held-out parts; score(value, fold) is the
         top-1 on held-out part `fold` of a classifier fitted on the rest of the split."""
+        sizes = self.fold_sizes
         result = {}
         for value in values:
             # top-1 x count is a whole number of hits: pooled, one fold gives its top-1 exactly.
-            hits = sum(round(score(value, fold) * int(self.held_out(fold).sum())) for fold in range(self.folds))
-            result[float(value)] = hits / self.num_validation
+            hits = sum(round(score(value, fold) * int(size)) for fold, size in enumerate(sizes))
+            result[float(value)] = hits / int(sizes.sum())
         return result
 
 
