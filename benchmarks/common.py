@@ -36,10 +36,57 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# The instruction sets that decide which kernels oneDNN and PyTorch run (RESULTS.md names
+# them for every CPU figure): vector width, VNNI, bfloat16 and AMX units.
+KERNEL_ISA_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+)
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            return stream.read()
+    except OSError:
+        return ""
+
+
+def _first_processor(cpuinfo: str) -> dict[str, str]:
+    """The `key: value` fields of the first processor block of a /proc/cpuinfo text."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def instruction_sets(cpuinfo: str | None = None) -> list[str]:
+    """Which of `KERNEL_ISA_FLAGS` the CPU has, in that order (`lscpu`'s flag names)."""
+    flags = set(_first_processor(_cpuinfo() if cpuinfo is None else cpuinfo).get("flags", "").split())
+    return [flag for flag in KERNEL_ISA_FLAGS if flag in flags]
+
+
+def threads_per_core(cpuinfo: str | None = None) -> int | None:
+    """Hardware threads per physical core (2 where two "cores" are one core's SMT siblings,
+    which share its vector units); None where /proc/cpuinfo does not say."""
+    fields = _first_processor(_cpuinfo() if cpuinfo is None else cpuinfo)
+    try:
+        return max(1, int(fields["siblings"]) // int(fields["cpu cores"]))
+    except (KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
 def machine() -> dict:
     """Facts about the machine a result came from, for RESULTS.md."""
     return {
         "cpu": cpu_model(),
+        "instruction_sets": instruction_sets(),
+        "threads_per_core": threads_per_core(),
         "nproc": usable_cores(),
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),

@@ -103,6 +103,8 @@ def section_machine(records) -> list[str]:
         lines += [
             f"- CPU: {info.get('cpu')} ({info.get('nproc')} cores usable, `nproc`), "
             f"{info.get('memory_gib')} GiB memory, Linux {info.get('kernel')}, Python {info.get('python')}",
+            f"- Instruction sets: {', '.join(info.get('instruction_sets') or ['(not recorded)'])}; "
+            f"threads per core: {info.get('threads_per_core') or '(not recorded)'}",
             f"- Packages: {versions}",
             f"- Date (UTC): {entry.get('time')}; 1-minute load average during the run: "
             f"{min(loads):.2f} to {max(loads):.2f}" if loads else f"- Date (UTC): {entry.get('time')}",

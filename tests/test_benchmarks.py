@@ -415,7 +415,8 @@ def _fake_results(path):
 
     step_config = {"encoder": "resnet18_cifar", "batch": 128, "size": 32, "jit_compile": True}
     rows = [
-        line("machine", {"cpu": "Test CPU", "nproc": 2, "memory_gib": 24, "python": "3.11", "kernel": "6"}, 2,
+        line("machine", {"cpu": "Test CPU", "instruction_sets": ["avx2", "fma"], "threads_per_core": 2, "nproc": 2,
+                         "memory_gib": 24, "python": "3.11", "kernel": "6"}, 2,
              "cores", None, 1, versions={"tensorflow": "2.21.0"}, note="fake"),
         line("step", step_config, 256.0, "images/s"),
         line("step_vs_parts", step_config, 1.05, "ratio", parts_s={"online_fwd_bwd_x2": 0.3, "target_fwd_x2": 0.1,
@@ -472,6 +473,29 @@ def test_ingestion_compares_with_the_replaced_ingestion_of_a_commit(capsys, tmp_
     assert ratio["value"] == pytest.approx(rates["beam_1"] / rates["baseline"], rel=1e-3)
 
 
+_CPUINFO = """processor\t: 0
+model name\t: Test Xeon
+siblings\t: {siblings}
+cpu cores\t: {cores}
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni amx_tile
+
+processor\t: 1
+model name\t: Test Xeon
+flags\t\t: fpu avx512_bf16
+"""
+
+
+@pytest.mark.parametrize("siblings, cores, expected", [(2, 1, 2), (2, 2, 1), (16, 8, 2)])
+def test_machine_facts_name_the_kernel_instruction_sets_and_smt(siblings, cores, expected):
+    cpuinfo = _CPUINFO.format(siblings=siblings, cores=cores)
+    # The first processor's flags, in the fixed order; flags of no kernel interest are left out.
+    assert common.instruction_sets(cpuinfo) == ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                                                "amx_tile"]
+    assert common.threads_per_core(cpuinfo) == expected
+    assert common.threads_per_core("processor\t: 0\nflags\t: avx2\n") is None
+    assert common.instruction_sets("") == []
+
+
 def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
     results = tmp_path / "2026-11-30.jsonl"
     _fake_results(results)
@@ -484,6 +508,7 @@ def test_report_renders_every_section_and_keeps_hand_written_text(tmp_path):
                     "## 4. Switches", "## 5. Scaling"):
         assert heading in text
     assert "Test CPU" in text and "python -m benchmarks.step_vs_parts --x" in text
+    assert "- Instruction sets: avx2, fma; threads per core: 2" in text
     assert "| resnet18_cifar | 128 | 32 | yes | - | 0.5 | 300 |" in text  # the later step record won
     assert "--out" not in text
     assert "InvalidArgumentError: no bfloat16 kernel" in text
