@@ -191,6 +191,7 @@ def drive(args) -> list[dict]:
             byol_tf=tf_info,
             lightly=torch_info,
             environment=kernel_environment(),
+            machine=common.machine(),
             target=TARGET_SPEEDUP,
         ))
     return records
@@ -297,6 +298,7 @@ def kernel_records(args, tf_infos: dict, torch_info: dict, times: dict, output: 
             lightly_onednn_ms=theirs_ms,
             lightly_median_s=common.median(times["lightly"]),
             environment=kernel_environment(),
+            machine=common.machine(),
             by_primitive=primitives,
             problems=problems[:KERNEL_ROWS],
         ))

@@ -253,6 +253,7 @@ def test_peer_smoke_alternates_byol_tf_and_lightly(tmp_path):
     assert entry["value"] == pytest.approx(entry["byol_tf_images_per_s"] / entry["lightly_images_per_s"], rel=1e-3)
     assert entry["lightly"]["library"] == "lightly" and entry["byol_tf"]["library"] == "byol-tf"
     assert entry["config"]["heads"] == [32, 16, 32]
+    assert entry["machine"]["instruction_sets"] == common.instruction_sets()  # the CPU it ran on
 
 
 # oneDNN verbose lines as TensorFlow 2.21 (oneDNN 3.7) and torch 2.14 (oneDNN 3.12) print them.
