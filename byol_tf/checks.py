@@ -3,12 +3,14 @@
 
 A record is dropped, with the first reason that applies (`byol_tf.sources.DROP_REASONS`):
 what reading found (unreadable_file, unparseable_record, corrupt_tfrecord_file,
-missing_image; for folders also not_an_image by extension and missing_label for a file
-outside the class folders), then empty_file (zero bytes), missing_label (a labelled source,
-no label) or label_out_of_range (below 0, or not below `num_classes` when known),
-not_an_image (no JPEG, PNG, GIF, BMP or WebP signature) and corrupt_image (TensorFlow's
-decoder fails: truncated, broken data). Everything TensorFlow decodes is used: grayscale,
-RGBA, palette, 16-bit, CMYK, animated GIF (first frame), 1x1 and very large images alike.
+missing_image; for TFRecords also missing_label for no label feature, or one that is not a
+single int64; for folders not_an_image by extension and missing_label for a file outside
+the class folders), then empty_file (zero bytes), missing_label (a labelled source, no
+label) or label_out_of_range (below 0, or not below `num_classes` when known),
+not_an_image (no JPEG, PNG, GIF, BMP or WebP signature: raw pixels are not read) and
+corrupt_image (TensorFlow's decoder fails: truncated, broken data). Everything TensorFlow
+decodes is used: grayscale, RGBA, palette, 16-bit, CMYK, animated GIF (first frame), 1x1
+and very large images alike (an animated WebP is corrupt_image: the decoder refuses it).
 The decoder is `decode_image`, the op every reader of images in byol-tf runs, so a record
 that passes the check decodes in training too.
 
@@ -31,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Sequence
@@ -112,14 +113,6 @@ def cap_image_side(image, max_side: int | None):
     return tf.cond(longer > max_side, shrink, lambda: image)
 
 
-def _decoder_message(error: Exception) -> str:
-    # TensorFlow wraps the decoder's words in its function name and the op name.
-    text = getattr(error, "message", None) or str(error)
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
-    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
-    return " ".join(text.split())
-
-
 # -------------------------------------------------------------------------- records
 
 
@@ -185,13 +178,15 @@ def check_candidate(candidate: sources.Candidate, rules: Rules) -> Decision:
         return Decision(candidate, reason, detail)
     kind = image_format(data)
     if kind is None:
-        return Decision(candidate, sources.NOT_AN_IMAGE, f"starts with {data[:8]!r}")
+        return Decision(
+            candidate, sources.NOT_AN_IMAGE, f"starts with {data[:8]!r}, not an encoded JPEG, PNG, GIF, BMP or WebP"
+        )
     import tensorflow as tf
 
     try:
         pixels = decode_image(tf.constant(data)).numpy()
     except (tf.errors.OpError, ValueError) as error:
-        return Decision(candidate, sources.CORRUPT_IMAGE, f"{kind}: {_decoder_message(error)}", kind)
+        return Decision(candidate, sources.CORRUPT_IMAGE, f"{kind}: {sources.op_error_text(error)}", kind)
     return Decision(candidate, image_format=kind, pixels=pixels)
 
 

@@ -134,9 +134,10 @@ class DataConfig:
     label), `folder` (`path` is a folder of class sub-folders of images).
 
     image_key / label_key (tfrecord): the tf.Example features holding the encoded image and
-    the label. None recognises the common names from the first record: `image` or
+    the label. None recognises the common names from the first 64 records: `image` or
     `image/encoded`; `label` or `image/class/label` (TFDS, the TF Object Detection and the
     TPU ImageNet scripts write these). A record set with no label feature is unlabelled.
+    Files may be plain, GZIP or ZLIB compressed (recognised by content).
     label_offset (tfrecord): subtracted from every stored label, e.g. 1 for labels stored
     1-based (the TPU ImageNet TFRecords use 1..1000); a label below 0 afterwards is out of range.
     max_image_side: longer image side kept, larger images are shrunk to it keeping the

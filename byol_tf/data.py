@@ -34,7 +34,8 @@ SPLITS = sources.SPLITS
 IMAGE_EXTENSIONS = sources.IMAGE_EXTENSIONS
 mnist5k_path = sources.mnist5k_path
 tfrecord_files = sources.tfrecord_files
-is_gzip = sources.is_gzip
+compression_type = sources.compression_type
+tfrecord_dataset = sources.tfrecord_dataset
 decode_image = checks.decode_image
 
 
@@ -134,7 +135,7 @@ def _tfrecord_stream(check: checks.SourceCheck, stream: str) -> tf.data.Dataset:
     its readable records, files interleaved in a fixed order."""
     counts = [count for count in check.files[stream] if count.records]
     paths = [count.path for count in counts]
-    compressions = ["GZIP" if is_gzip(path) else "" for path in paths]
+    compressions = [sources.compression_type(path) for path in paths]
     offsets = np.cumsum([0] + [count.records for count in counts])[:-1].astype(np.int64)
     records = np.array([count.records for count in counts], np.int64)
 

@@ -214,8 +214,7 @@ def thumbnails(manifest: dict, rows: Sequence[int], keys: Sequence[str]) -> list
         for key in keys:
             name, _, number = key.rpartition(":")
             path = fileio.join(manifest["examples"], name)
-            compression = "GZIP" if data.is_gzip(path) else ""
-            record = next(iter(tf.data.TFRecordDataset(path, compression_type=compression).skip(int(number)).take(1)))
+            record = next(iter(data.tfrecord_dataset(path).skip(int(number)).take(1)))
             decoded.append(data.parse_example(record)["image"])
     else:
         # Split positions: one pass over the split keeps the wanted positions.

@@ -31,7 +31,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
+import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -41,12 +43,21 @@ from byol_tf.config import DataConfig
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+# How the side files that writers put beside TFRecords are named (Spark's and Hadoop's
+# `_SUCCESS`, `.part-00000.crc`); Hadoop's readers skip them alike.
+_SIDE_FILE_PREFIXES = (".", "_")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # The feature names of the encoded image and the label that TFDS, the TF Object Detection
 # API and the TPU ImageNet scripts write, recognised without any setting.
 IMAGE_KEYS = ("image", "image/encoded")
 LABEL_KEYS = ("label", "image/class/label")
 _GZIP_MAGIC = b"\x1f\x8b"
+# Bytes read to recognise a file's compression: enough to inflate the start of a ZLIB stream
+# (a deflate block's code tables take a few hundred bytes).
+_COMPRESSION_PROBE = 4096
+# Records whose feature names decide the image and label features: a few records without
+# a label must not make a labelled source unlabelled.
+KEY_SAMPLE = 64
 _MNIST_SIDE = 28
 # Records per unit of work: small enough to spread a folder over many workers, large
 # enough that a unit's description costs little next to reading its images.
@@ -114,9 +125,17 @@ class Candidate:
     detail: str = ""
 
 
+def op_error_text(error: BaseException) -> str:
+    """An exception's words on one line, without TensorFlow's function and op names."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    return " ".join(text.split())
+
+
 def error_message(error: BaseException) -> str:
-    """One line for an exception: its type and its first line."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    """One line for an exception: its type and its words."""
+    text = op_error_text(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -129,24 +148,24 @@ class RecordKeys:
 
 
 def resolve_keys(cfg: DataConfig, feature_names: Sequence[str], where: str) -> RecordKeys:
-    """The image and label features of a TFRecord source, from its first record's features.
+    """The image and label features of a TFRecord source, from its first records' features.
 
     Args:
         cfg: `data.image_key` / `data.label_key` win when set; otherwise the first of
-            `IMAGE_KEYS` / `LABEL_KEYS` the record has.
-        feature_names: the first record's feature names.
+            `IMAGE_KEYS` / `LABEL_KEYS` the records have.
+        feature_names: the feature names of the first records (up to `KEY_SAMPLE`), together.
         where: the files, for the message.
 
     Raises:
-        ValueError: naming `data.image_key` and listing the features found, when the record
-            has no image feature.
+        ValueError: naming `data.image_key` and listing the features found, when the records
+            have no image feature.
     """
     names = sorted(feature_names)
     image = cfg.image_key or next((key for key in IMAGE_KEYS if key in names), None)
     if image is None or image not in names:
         looked_for = repr(cfg.image_key) if cfg.image_key else " or ".join(repr(key) for key in IMAGE_KEYS)
         raise ValueError(
-            f"data.image_key: the first record of {where} has no image feature {looked_for} "
+            f"data.image_key: {where} has no image feature {looked_for} in its first records "
             f"(its features: {', '.join(names) or 'none'}); set data.image_key to the one holding "
             "the encoded image"
         )
@@ -174,26 +193,56 @@ def parse_record(
     """Encoded image and label of a serialized tf.Example, or why there is none.
 
     The rule `byol_tf.data.parse_example` relies on: a record it is given has the image
-    feature as bytes and, in a labelled source, the label as int64 (first value of each).
+    feature as bytes and, in a labelled source, the label as one int64 (first value of each).
+    A label feature of floats, strings or several values is no usable label (missing_label,
+    saying what it holds): taking one of its values would be a guess.
 
     Returns:
         (image bytes or None, label or None, drop reason or None, detail).
+
+    Raises:
+        ValueError: naming `data.label_key`, for a record with one of `LABEL_KEYS` in a source
+            read as unlabelled (the first records have none): its labels would be lost.
     """
     try:
         example = _example_proto().FromString(serialized)
     except Exception as error:  # noqa: BLE001 -- protobuf raises DecodeError and others
         return None, None, UNPARSEABLE_RECORD, error_message(error)
     features = example.features.feature
-    label = None
-    if keys.label is not None and keys.label in features:
-        values = features[keys.label].int64_list.value
-        if values:
-            label = int(values[0]) - label_offset
+    label, label_problem = None, ""
+    if keys.label is None:
+        found = next((key for key in LABEL_KEYS if key in features), None)
+        if found is not None:
+            raise ValueError(
+                f"data.label_key: records have a label feature {found!r} that the first {KEY_SAMPLE} "
+                f"records lack, so the source was read as unlabelled; set data.label_key: {found} "
+                "(records without it are then dropped as missing_label)"
+            )
+    else:
+        label, label_problem = _label_value(features, keys.label, label_offset)
+    found = ", ".join(sorted(features)) or "none"
     image = features[keys.image].bytes_list.value if keys.image in features else []
     if not image:
-        found = ", ".join(sorted(features)) or "none"
         return None, label, MISSING_IMAGE, f"no bytes feature {keys.image!r} (features: {found})"
+    if label_problem:
+        return image[0], None, MISSING_LABEL, label_problem
     return image[0], label, None, ""
+
+
+def _label_value(features, key: str, label_offset: int) -> tuple[int | None, str]:
+    """(label or None, what is wrong with it) of a tf.Example's label feature `key`."""
+    feature = features[key] if key in features else None
+    kind = feature.WhichOneof("kind") if feature is not None else None
+    values = list(getattr(feature, kind).value) if kind else []
+    if not values:
+        return None, f"no label feature {key!r} (features: {', '.join(sorted(features)) or 'none'})"
+    if kind != "int64_list":
+        shown = ", ".join(repr(value) for value in values[:3]) + (", ..." if len(values) > 3 else "")
+        return None, f"label feature {key!r} holds a {kind} [{shown}], not an int64"
+    if len(values) > 1:
+        shown = ", ".join(str(value) for value in values[:5]) + (", ..." if len(values) > 5 else "")
+        return None, f"label feature {key!r} holds {len(values)} labels [{shown}], not one"
+    return int(values[0]) - label_offset, ""
 
 
 # --------------------------------------------------------------------- TFRecord files
@@ -202,6 +251,10 @@ def parse_record(
 def tfrecord_files(pattern: str, field: str = "data.path") -> list[str]:
     """Sorted files matching a glob; a folder (e.g. TFX's Split-train/) means every file in it.
 
+    Files named like writers' side files (`.part-0.crc`, `_SUCCESS` of Spark and Hadoop) are
+    left out, unless the pattern's own name starts so: `tf.io.gfile.glob`'s `*`, unlike a
+    shell's, matches them.
+
     Raises:
         ValueError: nothing matches; the message starts with `field`.
     """
@@ -209,19 +262,77 @@ def tfrecord_files(pattern: str, field: str = "data.path") -> list[str]:
 
     if tf.io.gfile.isdir(pattern):
         pattern = os.path.join(pattern, "*")
-    files = sorted(path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path))
+    skip_side_files = not os.path.basename(pattern).startswith(_SIDE_FILE_PREFIXES)
+    files, skipped = [], []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        if tf.io.gfile.isdir(path):
+            continue
+        (skipped if skip_side_files and os.path.basename(path).startswith(_SIDE_FILE_PREFIXES) else files).append(path)
+    if skipped:
+        logger.info("%s: left out %d side files of writers (names starting with '.' or '_'): %s",
+                    field, len(skipped), ", ".join(os.path.basename(path) for path in skipped[:5]))
     if not files:
-        raise ValueError(f"{field}: no TFRecord file matches {pattern!r}")
+        side = (f" (only side files, named '.' or '_' first, which are left out: name them in the pattern "
+                "to read them)") if skipped else ""
+        raise ValueError(f"{field}: no TFRecord file matches {pattern!r}{side}")
     return files
 
 
-def is_gzip(path: str) -> bool:
-    """Whether a file is GZIP-compressed, by content, not by name (TFX writes *.gz, other
-    tools gzip without the suffix)."""
+@functools.lru_cache(maxsize=None)
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """The TFRecord format's checksum (CRC-32C, rotated and offset), of a few bytes."""
+    table, crc = _crc32c_table(), 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _starts_a_record(head: bytes) -> bool:
+    """Whether bytes start with a TFRecord header: a length and its checksum."""
+    return len(head) >= 12 and int.from_bytes(head[8:12], "little") == _masked_crc32c(head[:8])
+
+
+def compression_type(path: str) -> str:
+    """How a TFRecord file is compressed, by content, not by name: "", "GZIP" or "ZLIB".
+
+    TFX writes *.gz, other tools compress without a suffix, and `TFRecordWriter(path, "ZLIB")`
+    writes no magic number at all. Uncompressed: the first record's length checksum holds
+    (a length can start with GZIP's magic bytes, so this is tried first). GZIP: its magic
+    number. ZLIB: a zlib stream whose inflated start holds that checksum. Anything else (an
+    empty file, damage in the first record) is read uncompressed, and reading names the damage.
+    """
     import tensorflow as tf
 
     with tf.io.gfile.GFile(path, "rb") as stream:
-        return stream.read(2) == _GZIP_MAGIC
+        head = stream.read(_COMPRESSION_PROBE)
+    if _starts_a_record(head):
+        return ""
+    if head.startswith(_GZIP_MAGIC):
+        return "GZIP"
+    try:
+        if _starts_a_record(zlib.decompressobj().decompress(head, 12)):
+            return "ZLIB"
+    except zlib.error:
+        pass
+    return ""
+
+
+def tfrecord_dataset(path: str):
+    """The records of one TFRecord file, compressed or not (`compression_type`)."""
+    import tensorflow as tf
+
+    return tf.data.TFRecordDataset(path, compression_type=compression_type(path))
 
 
 def iterate_tfrecord_file(path: str, limit: int | None = None) -> Iterator[tuple[bytes | None, str]]:
@@ -236,8 +347,7 @@ def iterate_tfrecord_file(path: str, limit: int | None = None) -> Iterator[tuple
         return
     count = 0
     try:
-        compression = "GZIP" if is_gzip(path) else ""
-        for record in tf.data.TFRecordDataset(path, compression_type=compression).as_numpy_iterator():
+        for record in tfrecord_dataset(path).as_numpy_iterator():
             yield record, ""
             count += 1
             if limit is not None and count >= limit:
@@ -297,13 +407,24 @@ def count_tfrecords(files: Sequence[str], limit: int | None = None, what: str = 
     return counts
 
 
+def first_records(files: Sequence[str], count: int = KEY_SAMPLE) -> tuple[list[bytes], str]:
+    """Up to `count` readable records from the first files, and the first damage met ("")."""
+    records, damage = [], ""
+    for path in files:
+        for record, detail in iterate_tfrecord_file(path, count - len(records)):
+            if record is None:
+                damage = damage or f"{path}: {detail}"
+            else:
+                records.append(record)
+        if len(records) >= count:
+            break
+    return records, damage
+
+
 def first_record(files: Sequence[str]) -> bytes | None:
     """The first readable record of the first file that has one."""
-    for path in files:
-        for record, _ in iterate_tfrecord_file(path, 1):
-            if record is not None:
-                return record
-    return None
+    records, _ = first_records(files, 1)
+    return records[0] if records else None
 
 
 # -------------------------------------------------------------------------- folders
@@ -338,8 +459,16 @@ def class_folders(folder: str, field: str) -> list[str]:
     if not tf.io.gfile.isdir(folder):
         raise ValueError(f"{field}: folder {folder!r} does not exist")
     return sorted(
-        name.rstrip("/") for name in tf.io.gfile.listdir(folder) if tf.io.gfile.isdir(os.path.join(folder, name))
+        name.rstrip("/")
+        for name in tf.io.gfile.listdir(folder)
+        if not _hidden(name) and tf.io.gfile.isdir(os.path.join(folder, name))
     )
+
+
+def _hidden(name: str) -> bool:
+    """Hidden files and folders are tools' (`.DS_Store`, `._x.jpg`, `.ipynb_checkpoints/`), not
+    images or classes: never listed, never counted."""
+    return name.startswith(".")
 
 
 @functools.lru_cache(maxsize=16)
@@ -347,7 +476,8 @@ def list_folder(folder: str, field: str = "data.path", class_names: tuple[str, .
     """Lists a folder of class sub-folders (cached per process: a folder is listed once).
 
     Class ids are the positions of the sorted sub-folder names, or of `class_names` (the
-    training folder's) for a held-out folder.
+    training folder's) for a held-out folder. Hidden files and folders are left out; a
+    class folder without images keeps its id, with a warning.
 
     Raises:
         ValueError: naming `field`, when the folder does not exist, has no image, or has
@@ -371,14 +501,28 @@ def list_folder(folder: str, field: str = "data.path", class_names: tuple[str, .
             files.append(path)
             labels.append(label)
 
+    empty = []
     for label, name in enumerate(names):
         class_dir = os.path.join(folder, name)
+        before = len(files)
         if tf.io.gfile.isdir(class_dir):
             for root, _, filenames in sorted(tf.io.gfile.walk(class_dir)):
+                if any(_hidden(part) for part in root[len(class_dir) :].split("/")):
+                    continue
                 for filename in sorted(filenames):
-                    add(os.path.join(root, filename), label)
+                    if not _hidden(filename):
+                        add(os.path.join(root, filename), label)
+        if len(files) == before and name in found:
+            empty.append(name)
+    if empty and class_names is None:
+        logger.warning(
+            "%s: class folders %s of %r have no images; they keep their class ids (sorted folder names)",
+            field, empty, folder,
+        )
     for entry in sorted(tf.io.gfile.listdir(folder)):
         path = os.path.join(folder, entry.rstrip("/"))
+        if _hidden(entry):
+            continue
         if entry.rstrip("/") not in found:
             # A folder without class folders is unlabelled (-1); with them, a stray file
             # has no class.
@@ -747,13 +891,22 @@ def plan(cfg: DataConfig) -> Plan:
             field = "data.path" if stream == "train" else "data.eval_split"
             paths = tfrecord_files(cfg.path if stream == "train" else cfg.eval_split, field)
             if stream == "train":
-                record = first_record(paths)
-                if record is None:
-                    raise ValueError(f"data.path: the TFRecord files {cfg.path!r} hold no readable record")
-                keys = resolve_keys(cfg, feature_names(record), repr(cfg.path))
+                records, damage = first_records(paths)
+                if not records:
+                    why = f" (the first damage: {damage})" if damage else f" ({len(paths)} empty files)"
+                    raise ValueError(f"data.path: the TFRecord files {cfg.path!r} hold no readable record{why}")
+                names = {name for record in records for name in feature_names(record)}
+                keys = resolve_keys(cfg, names, repr(cfg.path))
                 labelled = keys.label is not None
             limit = cfg.max_examples
             counts = tuple(count_tfrecords(paths, limit, what=field))
+            for count in counts:
+                if count.damage:
+                    # Said now: a hold-out error on the shortened stream would not say why.
+                    logger.warning(
+                        "%s: %s is damaged after its first %d records, which alone are used (%s)",
+                        field, count.path, count.records, count.damage,
+                    )
             files[stream] = counts
             total = sum(count.records for count in counts)
             stream_records[stream] = total

@@ -53,15 +53,12 @@ def record_key(path: str, index: int) -> str:
 
 
 class ReadRecords(beam.DoFn):
-    """file path -> (key, serialized tf.Example) for every record of the file, GZIP or plain."""
+    """file path -> (key, serialized tf.Example) for every record of the file, compressed or not."""
 
     def process(self, path):
-        import tensorflow as tf
-
         from byol_tf import data
 
-        compression = "GZIP" if data.is_gzip(path) else ""
-        for index, record in enumerate(tf.data.TFRecordDataset(path, compression_type=compression).as_numpy_iterator()):
+        for index, record in enumerate(data.tfrecord_dataset(path).as_numpy_iterator()):
             yield record_key(path, index), record
 
 

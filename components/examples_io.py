@@ -43,12 +43,12 @@ def record_files(file_patterns: Sequence[str]) -> list[str]:
 def records(file_patterns: Sequence[str]) -> tf.data.Dataset:
     """Serialized records of the files, in sorted file order.
 
-    GZIP is recognised by content (TFX writes `*.gz`, other tools may not name it); all
-    files of a split are compressed alike, as every ExampleGen writes them.
+    The compression is recognised by content (`byol_tf.sources.compression_type`: TFX writes
+    `*.gz`, other tools may not name it); all files of a split are compressed alike, as every
+    ExampleGen writes them.
     """
     files = record_files(file_patterns)
-    compression = "GZIP" if sources.is_gzip(files[0]) else None
-    return tf.data.TFRecordDataset(files, compression_type=compression)
+    return tf.data.TFRecordDataset(files, compression_type=sources.compression_type(files[0]))
 
 
 def record_keys(file_patterns: Sequence[str]) -> sources.RecordKeys:

@@ -60,6 +60,16 @@ def test_conversions_match_independent_expectations():
     np.testing.assert_array_equal(decide(fx.animated_gif(11)).pixels, first_frame)
 
 
+def test_raw_pixels_are_not_an_image_and_say_what_is_read():
+    decision = decide(fx.pixels(0).tobytes())
+    assert decision.reason == sources.NOT_AN_IMAGE
+    assert decision.detail.endswith("not an encoded JPEG, PNG, GIF, BMP or WebP")
+    truncated = decide(fx.truncated(fx.png(2, (32, 32, 3))))
+    # The decoder's words, without TensorFlow's function and op names.
+    assert truncated.reason == sources.CORRUPT_IMAGE and truncated.detail.startswith("PNG: ")
+    assert "{{" not in truncated.detail and "[Op:" not in truncated.detail
+
+
 def test_label_rules():
     png = fx.png(0)
     assert decide(png, label=None).reason == sources.MISSING_LABEL

@@ -32,8 +32,9 @@ def _example(encoded, label=None):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def _write_records(path, records, gzip_compressed):
-    options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip_compressed else "")
+def _write_records(path, records, gzip_compressed=False, compression=None):
+    compression = ("GZIP" if gzip_compressed else "") if compression is None else compression
+    options = tf.io.TFRecordOptions(compression_type=compression)
     with tf.io.TFRecordWriter(path, options) as writer:
         for record in records:
             writer.write(record)
@@ -185,6 +186,61 @@ def test_parse_example_and_decode_image_are_reusable():
     assert parsed["label"].dtype == tf.int64 and int(parsed["label"]) == 7
     assert int(data.parse_example(tf.constant(_example(_png(image))))["label"]) == -1
     assert data.decode_image(tf.constant(_png(image[..., :1]))).shape == (4, 5, 3)
+
+
+def _padded_example(encoded, label, length):
+    """A tf.Example of exactly `length` serialized bytes (a padding feature fills it up)."""
+    for pad in range(max(0, length - len(encoded) - 64), length):
+        feature = {
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            "pad": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x" * pad])),
+        }
+        record = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+        if len(record) == length:
+            return record
+    raise AssertionError(f"no padding gives {length} bytes")
+
+
+def test_tfrecords_of_every_compression_and_a_length_that_looks_like_gzip(tmp_path):
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (5 + i, 6, 3), dtype=np.uint8) for i in range(8)]
+    records = [_example(_png(image), label) for label, image in enumerate(images)]
+    # TFRecordWriter's ZLIB has no magic number; a plain file whose first record is 0x8b1f
+    # bytes long starts with GZIP's (1f 8b), and is still plain.
+    _write_records(str(tmp_path / "a"), records[:3], compression="ZLIB")
+    _write_records(str(tmp_path / "b"), records[3:5], compression="GZIP")
+    _write_records(str(tmp_path / "c"), records[5:7])
+    _write_records(str(tmp_path / "d"), [_padded_example(_png(images[7]), 7, 0x8B1F)])
+    with open(tmp_path / "d", "rb") as stream:
+        assert stream.read(2) == b"\x1f\x8b"
+    assert [data.compression_type(str(tmp_path / name)) for name in "abcd"] == ["ZLIB", "GZIP", "", ""]
+    cfg = DataConfig(source="tfrecord", path=str(tmp_path / "*"), holdout_examples=0, max_bad_fraction=0.0)
+    examples = list(data.load_split(cfg, "train").as_numpy_iterator())
+    assert sorted(int(e["label"]) for e in examples) == list(range(8))
+    for example in examples:
+        np.testing.assert_array_equal(example["image"], images[example["label"]])
+    # The trainer's path (encoded images, decoded in the crop map) reads them too.
+    trainer_cfg = Config(data=dataclasses.replace(cfg, batch_size=8), augment=SMALL_AUGMENT)
+    batch = next(iter(data.make_pretraining_dataset(trainer_cfg)))
+    assert sorted(batch["label"].numpy().tolist()) == list(range(8))
+
+
+def test_writers_side_files_beside_tfrecords_are_not_read(tmp_path):
+    # A Spark / Hadoop output folder: part files, _SUCCESS and hidden .crc checksums.
+    records = [_example(_png(np.full((4, 4, 3), i, np.uint8)), i) for i in range(3)]
+    _write_records(str(tmp_path / "part-r-00000"), records)
+    (tmp_path / "_SUCCESS").write_bytes(b"")
+    (tmp_path / ".part-r-00000.crc").write_bytes(b"crc\0" + bytes(range(40)))
+    for path in (str(tmp_path), str(tmp_path / "*")):
+        cfg = DataConfig(source="tfrecord", path=path, holdout_examples=0, max_bad_fraction=0.0)
+        assert data.tfrecord_files(path) == [str(tmp_path / "part-r-00000")]
+        assert sorted(int(e["label"]) for e in data.load_split(cfg, "train")) == [0, 1, 2]
+    # Named by the pattern itself, a hidden file is read.
+    assert data.tfrecord_files(str(tmp_path / ".part*")) == [str(tmp_path / ".part-r-00000.crc")]
+    # A pattern that matches side files only says so.
+    with pytest.raises(ValueError, match=r"data.path: no TFRecord file matches .*only side files"):
+        data.tfrecord_files(str(tmp_path / "*S*"))
 
 
 def test_tfrecord_missing_files_name_the_field(tmp_path):

@@ -65,6 +65,21 @@ def test_folder_listing_order_labels_and_the_files_it_reports(tmp_path):
         sources.list_folder(folder + "_bad", "data.eval_split", ("a", "b"))
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path, caplog):
+    folder = str(tmp_path)
+    for name in ("a/1.png", "a/.DS_Store", "a/._1.png", "a/.ipynb_checkpoints/1-checkpoint.png",
+                 ".ipynb_checkpoints/x.png", ".DS_Store", "b/deep/2.png"):
+        fx.write(os.path.join(folder, name), fx.png(0))
+    os.makedirs(os.path.join(folder, "c"))
+    with caplog.at_level("WARNING", logger="byol_tf.sources"):
+        listing = sources.list_folder(folder)
+    assert listing.class_names == ("a", "b", "c")
+    assert [os.path.relpath(p, folder) for p in listing.files] == ["a/1.png", "b/deep/2.png"]
+    assert listing.labels.tolist() == [0, 1] and listing.others == ()
+    # An empty class folder keeps its id, and is named.
+    assert "class folders ['c'] of" in caplog.text and "have no images" in caplog.text
+
+
 def test_unlabelled_folder_and_errors_name_the_field(tmp_path):
     fx.write(str(tmp_path / "flat" / "a.png"), fx.png(0))
     listing = sources.list_folder(str(tmp_path / "flat"))
@@ -131,6 +146,61 @@ def test_common_keys_offset_labels_and_a_record_without_image(tmp_path):
     assert read[3].reason == sources.UNPARSEABLE_RECORD
 
 
+def test_keys_come_from_the_first_records_not_the_first_alone(tmp_path):
+    # Record 0 has no label: the source is still labelled, and record 0 dropped as such.
+    records = [fx.tf_example(fx.png(0))] + [fx.tf_example(fx.png(i), i % 3) for i in range(1, 6)]
+    fx.write_tfrecord(str(tmp_path / "r.tfrecord"), records)
+    cfg = DataConfig(source="tfrecord", path=str(tmp_path / "r.tfrecord"), holdout_examples=0)
+    plan, read = candidates(cfg)
+    assert plan.keys == sources.RecordKeys("image", "label") and plan.labelled
+    assert [c.label for c in read] == [None, 1, 2, 0, 1, 2]
+    # Labels that first appear after the records the keys come from stop the read in one line.
+    late = [fx.tf_example(fx.png(i)) for i in range(sources.KEY_SAMPLE)] + [fx.tf_example(fx.png(0), 4)]
+    fx.write_tfrecord(str(tmp_path / "late" / "r.tfrecord"), late)
+    cfg = dataclasses.replace(cfg, path=str(tmp_path / "late" / "r.tfrecord"))
+    plan = sources.plan(cfg)
+    assert plan.keys == sources.RecordKeys("image", None)
+    message = r"^data.label_key: records have a label feature 'label' .*set data.label_key: label"
+    with pytest.raises(ValueError, match=message):
+        [c for unit in plan.units for c in sources.read_unit(unit, cfg, plan.keys)]
+    assert [c.label for c in candidates(dataclasses.replace(cfg, label_key="label"))[1]][-2:] == [None, 4]
+
+
+def test_a_label_is_one_int64_and_anything_else_is_named(tmp_path):
+    import tensorflow as tf
+
+    def record(label_feature):
+        feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[fx.png(0)]))}
+        if label_feature is not None:
+            feature["label"] = label_feature
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    fx.write_tfrecord(
+        str(tmp_path / "r.tfrecord"),
+        [
+            record(tf.train.Feature(int64_list=tf.train.Int64List(value=[2]))),
+            record(tf.train.Feature(int64_list=tf.train.Int64List(value=[2, 7]))),
+            record(tf.train.Feature(float_list=tf.train.FloatList(value=[2.0]))),
+            record(tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"cat"]))),
+            record(tf.train.Feature(int64_list=tf.train.Int64List(value=[]))),
+            record(None),
+        ],
+    )
+    cfg = DataConfig(source="tfrecord", path=str(tmp_path / "r.tfrecord"), holdout_examples=0, label_offset=1)
+    _, read = candidates(cfg)
+    assert [(c.label, c.reason) for c in read] == [(1, None)] + [(None, sources.MISSING_LABEL)] * 5
+    assert read[1].detail == "label feature 'label' holds 2 labels [2, 7], not one"
+    assert read[2].detail == "label feature 'label' holds a float_list [2.0], not an int64"
+    assert read[3].detail == "label feature 'label' holds a bytes_list [b'cat'], not an int64"
+    assert read[4].detail == "no label feature 'label' (features: image, label)"
+    assert read[5].detail == "no label feature 'label' (features: image)"
+    assert all(c.data == fx.png(0) for c in read)
+    # A data.label_key the records lack: each record says so.
+    typo = dataclasses.replace(cfg, label_key="lable")
+    assert {c.detail for c in candidates(typo)[1]} == {"no label feature 'lable' (features: image, label)",
+                                                       "no label feature 'lable' (features: image)"}
+
+
 def test_records_without_any_image_feature_fail_in_one_line_listing_the_features(tmp_path):
     fx.write_tfrecord(str(tmp_path / "r.tfrecord"), [fx.tf_example(fx.png(0), 1, image_key="img")])
     cfg = DataConfig(source="tfrecord", path=str(tmp_path / "r.tfrecord"), holdout_examples=0)
@@ -156,11 +226,20 @@ def test_a_damaged_file_keeps_its_records_before_the_damage(tmp_path):
     assert 0 < count.records < 6 and count.damage
     assert [c.reason for c in read] == [None] * count.records + [sources.CORRUPT_TFRECORD_FILE]
     assert read[-1].position == -1
+    # TensorFlow's words, without its function and op names.
+    assert read[-1].detail.startswith("DataLossError: corrupted record at") and "{{" not in read[-1].detail
+    assert "[Op:" not in read[-1].detail
 
 
 def test_missing_tfrecords_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="data.path: no TFRecord file matches"):
         sources.plan(DataConfig(source="tfrecord", path=str(tmp_path / "none-*")))
+    fx.write(str(tmp_path / "empty" / "r.tfrecord"), b"")
+    with pytest.raises(ValueError, match=r"data.path: .* hold no readable record \(1 empty files\)$"):
+        sources.plan(DataConfig(source="tfrecord", path=str(tmp_path / "empty" / "*")))
+    fx.write(str(tmp_path / "text" / "r.tfrecord"), b"labels were checked by hand\n")
+    with pytest.raises(ValueError, match=r"hold no readable record \(the first damage: .*r.tfrecord: DataLossError: corrupted record at 0"):
+        sources.plan(DataConfig(source="tfrecord", path=str(tmp_path / "text" / "*")))
     fx.write_tfrecord(str(tmp_path / "a.tfrecord"), [fx.tf_example(fx.png(0), 0)])
     with pytest.raises(ValueError, match="data.eval_split: no TFRecord file matches"):
         sources.plan(DataConfig(source="tfrecord", path=str(tmp_path / "a.tfrecord"), eval_split=str(tmp_path / "b*")))
