@@ -26,7 +26,7 @@ from byol_tf import evaluation, export, fileio, training
 logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = export.EVALUATION_FILE
-EXPORT_DIR = "export"
+EXPORT_DIR = training.EXPORT_DIR
 
 
 @dataclasses.dataclass

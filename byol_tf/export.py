@@ -190,6 +190,7 @@ def export_encoder(
     if fileio.exists(export_dir) and not overwrite:
         raise ValueError(f"export folder {export_dir!r} already exists (overwrite it with --overwrite)")
     # A sibling folder, renamed into place at the end (atomic on a local file system).
+    fileio.remove_leftovers(export_dir)
     staging = fileio.staging_dir(export_dir)
     try:
         module = EncoderModule(encoder, image_size)

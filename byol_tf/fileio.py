@@ -122,7 +122,7 @@ def write_bytes(path: str, data: bytes) -> None:
     parent = dirname(path)
     if parent:
         gfile.makedirs(parent)
-    temporary = join(parent, f".{basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary = temporary_sibling(path)
     try:
         with gfile.GFile(temporary, "wb") as stream:
             stream.write(data)
@@ -142,15 +142,38 @@ def write_json(path: str, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def staging_dir(destination: str) -> str:
-    """A fresh, empty sibling folder of `destination` to build its contents in.
+def temporary_sibling(path: str) -> str:
+    """A fresh hidden name beside `path` (`.NAME.tmp-XXXXXXXX`) to write its next version under.
 
     Being a sibling (same parent, same file system), it can be renamed into place.
     """
-    parent = dirname(absolute(destination))
-    staging = join(parent, f".{basename(destination)}.tmp-{uuid.uuid4().hex[:8]}")
+    return join(dirname(absolute(path)), f".{basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def staging_dir(destination: str) -> str:
+    """A fresh, empty sibling folder of `destination` to build its contents in (`temporary_sibling`)."""
+    staging = temporary_sibling(destination)
     makedirs(staging)
     return staging
+
+
+def remove_leftovers(path: str) -> None:
+    """Removes what writers of `path` killed mid-write left beside it.
+
+    That is their temporaries (`temporary_sibling`: a half-written file or staging folder)
+    and the previous folder `replace_dir` had moved aside. Call it before writing `path`
+    anew, from its only writer: a concurrent writer's temporary would go too.
+    """
+    parent, name = dirname(absolute(path)), basename(path)
+    if not isdir(parent):
+        return
+    for entry in listdir(parent):
+        if entry.startswith((f".{name}.tmp-", f"{name}.old-")):
+            leftover = join(parent, entry)
+            if isdir(leftover):
+                rmtree(leftover)
+            else:
+                remove(leftover)
 
 
 def copy_tree(source: str, destination: str) -> None:

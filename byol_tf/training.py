@@ -5,22 +5,24 @@
 (with an Embedding Projector view of held-out images in `logs/embeddings/` at the end) and
 the encoder as `encoder.keras`. While it runs, `backup/` holds atomic checkpoints of the
 whole training state: the same command run again after a kill resumes from the last one and
-ends with the same weights as an uninterrupted run (with `train.deterministic`). The backup
-is deleted once the run has finished.
+ends with the same weights as an uninterrupted run (with `train.deterministic`); SIGTERM
+backs up the step under way first. The backup is deleted once the run has finished: run
+again in a finished run's folder, `train` starts from step 0 and says so, moving the earlier
+run's outputs into `earlier-<UTC time>/` first (nothing lost, nothing mixed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
-import uuid
 from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
 
-from byol_tf import byol, checkpointing, fileio, monitoring, networks, schedules
+from byol_tf import byol, checkpointing, export, fileio, monitoring, networks, schedules
 from byol_tf import config as config_lib
 from byol_tf import data
 from byol_tf.optimizers import LARS
@@ -30,6 +32,11 @@ logger = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.keras"
 CONFIG_FILE = "config.yaml"
 BACKUP_DIR = "backup"
+LOG_DIR = "logs"
+EXPORT_DIR = "export"
+# What a finished run leaves in its folder (backup/ is deleted at its end); a run started
+# from step 0 in the same folder moves them aside first (`_set_aside_earlier_run`).
+RUN_OUTPUTS = (export.EVALUATION_FILE, ENCODER_FILE, CONFIG_FILE, EXPORT_DIR, LOG_DIR)
 
 
 @dataclasses.dataclass
@@ -37,7 +44,7 @@ class TrainResult:
     """What a pretraining run produced."""
 
     model: byol.BYOLModel
-    history: dict
+    history: dict  # {metric: one value per epoch}, the whole run's where backups are on
     run_dir: str
     steps_per_epoch: int
     is_chief: bool = True
@@ -194,8 +201,8 @@ def train(
             saved.
 
     Returns:
-        The trained model, the fit history, the run folder, the steps per epoch and a kept
-        backup.
+        The trained model, the history (each epoch's logs; with backups on, those of epochs
+        before a resume too), the run folder, the steps per epoch and a kept backup.
 
     Raises:
         byol_tf.checkpointing.NonFiniteTrainingError: the loss or the weights became NaN / Inf;
@@ -207,8 +214,6 @@ def train(
     runtime = distribute.Runtime.from_config(config, strategy)
     run_dir = run_dir or config.train.run_dir
     fileio.makedirs(run_dir)
-    if runtime.is_chief:
-        config_lib.save(config, fileio.join(run_dir, CONFIG_FILE))
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.train.seed)
@@ -237,8 +242,13 @@ def train(
             keep=config.train.keep_checkpoints,
             is_chief=runtime.is_chief,
             task_id=runtime.task_id,
+            multi_worker=distribute.is_multi_worker(runtime.strategy),
         )
     start = backup.restore() if backup else 0
+    if runtime.is_chief:
+        if not start:
+            _set_aside_earlier_run(run_dir)
+        config_lib.save(config, fileio.join(run_dir, CONFIG_FILE))
     if start:
         logger.info("resumed from backup at step %d of %d (%s)", start, total_steps, backup.last_saved)
         if not callable(dataset):
@@ -250,7 +260,7 @@ def train(
     callbacks = []
     if runtime.is_chief:  # the other workers would write the same logs
         preview = dataset(None) if callable(dataset) else dataset
-        log_dir = fileio.join(run_dir, "logs")
+        log_dir = fileio.join(run_dir, LOG_DIR)
         callbacks += [
             keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
             monitoring.ViewGridLogger(preview, log_dir, config.train.log_images),
@@ -267,6 +277,8 @@ def train(
     if config.evaluation.knn_every_epochs > 0:  # first: TensorBoard logs the knn_accuracy it adds
         callbacks.insert(0, monitoring.KNNMonitor.from_config(config))
     history = _fit(model, runtime, config, dataset, start, steps, callbacks)
+    if backup is not None:
+        history = backup.history  # also the epochs before a resume
     if runtime.is_chief:
         save_keras_atomically(model.encoder, fileio.join(run_dir, ENCODER_FILE))
     result = TrainResult(
@@ -281,12 +293,43 @@ def save_keras_atomically(model: keras.Model, path: str) -> None:
     """Saves `model` (as standard Keras layers, `networks.portable_copy`) to a temporary
     `.keras` file beside `path`, then renames it over `path`: a kill never leaves a
     half-written file where a reader looks."""
-    temporary = fileio.join(fileio.dirname(path), f".{fileio.basename(path)}.{uuid.uuid4().hex[:8]}.keras")
+    fileio.remove_leftovers(path)
+    temporary = fileio.temporary_sibling(path) + ".keras"  # Keras saves only to names ending so
     try:
         networks.portable_copy(model).save(temporary)
         tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
         fileio.remove(temporary)
+
+
+def _set_aside_earlier_run(run_dir: str) -> None:
+    """Moves what an earlier, finished run left in `run_dir` into `run_dir/earlier-<UTC time>/`
+    before a run starts there from step 0.
+
+    Nothing is lost (an accidental rerun keeps the trained encoder), and the folder never holds
+    one run's encoder or evaluation beside another run's config or logs. A kill while moving
+    leaves each output whole, in one of the two places.
+    """
+    if not any(fileio.exists(fileio.join(run_dir, name)) for name in (ENCODER_FILE, export.EVALUATION_FILE)):
+        return
+    aside = fileio.join(run_dir, "earlier-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    while fileio.exists(aside):
+        aside += "-1"
+    fileio.makedirs(aside)
+    moved = []
+    for name in RUN_OUTPUTS:
+        source = fileio.join(run_dir, name)
+        if not fileio.exists(source):
+            continue
+        if fileio.isdir(source):
+            fileio.replace_dir(source, fileio.join(aside, name))
+        else:
+            tf.io.gfile.rename(source, fileio.join(aside, name))
+        moved.append(name)
+    logger.warning(
+        "%s holds an earlier run's outputs and no backup to resume from: moved %s to %s; training from step 0",
+        run_dir, ", ".join(moved), aside,
+    )
 
 
 def model_config(config: config_lib.Config, strategy: tf.distribute.Strategy) -> config_lib.Config:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,16 +109,32 @@ def test_a_crash_during_export_resumes_at_the_last_step_without_training_again(t
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while exporting")
 
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.epochs = 0, []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs.append({name: float(value) for name, value in logs.items()})
+
+    first = Record()
     with monkeypatch.context() as patch:
         patch.setattr(export, "export_encoder", crash)
         with pytest.raises(KeyboardInterrupt):
-            experiment.run(config, run_dir=run_dir, evaluate=False)
+            experiment.run(config, run_dir=run_dir, evaluate=False, extra_callbacks=[first])
     # Training finished, and its last backup was kept for the rerun.
     assert tf.train.latest_checkpoint(os.path.join(run_dir, "backup")).endswith("ckpt-4")
 
+    rerun = Record()
     with caplog.at_level("INFO", logger="byol_tf"):
-        result = experiment.run(config, run_dir=run_dir, evaluate=False)
+        result = experiment.run(config, run_dir=run_dir, evaluate=False, extra_callbacks=[rerun])
     assert "resumed from backup at step 4 of 4" in caplog.text
-    assert all(not values for values in result.training.history.values())  # no step ran again
+    assert first.steps == 4 and rerun.steps == 0  # no step ran again
+    # The history (and the exported metrics) still hold both epochs, from the backup.
+    assert result.training.history == {name: [epoch[name] for epoch in first.epochs] for name in first.epochs[0]}
+    assert result.metrics["training"] == first.epochs[-1] and "loss" in first.epochs[-1]
     assert os.path.isdir(result.export_dir)
     assert not os.path.exists(os.path.join(run_dir, "backup"))  # removed once the export is written

@@ -218,6 +218,19 @@ def test_existing_export_is_kept_unless_overwrite(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_export_removes_what_a_killed_export_left(tmp_path):
+    target = str(tmp_path / "out")
+    export.export_encoder(_tiny_encoder(), target, SIZE, metrics={"version": 1})
+    # A kill while staging, and one between replace_dir's two renames (the old copy moved aside).
+    os.makedirs(tmp_path / ".out.tmp-0123abcd" / "variables")
+    os.rename(target, tmp_path / "out.old-4567cdef")
+    (tmp_path / "outside").write_text("kept")
+    export.export_encoder(_tiny_encoder(), target, SIZE, metrics={"version": 2})
+    assert sorted(os.listdir(tmp_path)) == ["out", "outside"]
+    with open(os.path.join(target, "metrics.json")) as stream:
+        assert json.load(stream) == {"version": 2}
+
+
 def _fake_run(run_dir, evaluation=None):
     os.makedirs(run_dir)
     config = config_lib.from_dict({"augment": {"image_size": SIZE}, "network": {"encoder": "small_convnet"}})
