@@ -271,11 +271,21 @@ def num_classes(cfg: DataConfig) -> int | None:
 
     None for TFRecords without `data.num_classes` (finding out would mean a full pass) and
     for unlabelled folders.
+
+    Raises:
+        ValueError: naming `data.num_classes`, when it is below the embedded sources' 10 (their
+            arrays skip the check pass that drops labels out of range in the other sources).
     """
+    embedded = 10 if cfg.source in ("mnist5k", "digits") else None
     if cfg.num_classes is not None:
+        if embedded and cfg.num_classes < embedded:
+            raise ValueError(
+                f"data.num_classes: {cfg.num_classes} is below the {embedded} classes of source {cfg.source!r} "
+                f"(labels 0-{embedded - 1}); leave it unset"
+            )
         return cfg.num_classes
-    if cfg.source in ("mnist5k", "digits"):
-        return 10
+    if embedded:
+        return embedded
     if cfg.source == "folder":
         return len(sources.class_folders(cfg.path, "data.path")) or None
     if cfg.source == "tfds":

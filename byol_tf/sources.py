@@ -682,13 +682,8 @@ def check_split(split: str):
 
 
 def check_settings(cfg: DataConfig):
-    """Settings that no config validation can see: combinations that need the source."""
-    if cfg.eval_split is not None and cfg.source in ("mnist5k", "digits"):
-        raise ValueError(
-            f"data.eval_split: source {cfg.source!r} has no named splits; set data.holdout_examples instead"
-        )
-    if cfg.source == "tfrecord" and not cfg.path:
-        raise ValueError("data.path: a glob of TFRecord files is required when source is 'tfrecord'")
+    """The config's own validation, for a `DataConfig` built in code rather than loaded."""
+    cfg.validate("data")
 
 
 def samples(cfg: DataConfig) -> bool:

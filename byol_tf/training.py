@@ -225,7 +225,7 @@ def train(
     elif num_examples is None and not config.train.steps_per_epoch:
         raise ValueError("train(): pass num_examples with a custom dataset, or set train.steps_per_epoch")
     if num_classes is None:
-        num_classes = config.data.num_classes or data.num_classes(config.data)
+        num_classes = data.num_classes(config.data)
     steps = steps_per_epoch(config, num_examples or 0)
     total_steps = config.train.epochs * steps
 

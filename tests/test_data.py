@@ -429,7 +429,10 @@ def test_num_classes_per_source(tmp_path):
     from byol_tf.config import DataConfig
 
     assert data.num_classes(DataConfig(source="mnist5k")) == 10
-    assert data.num_classes(DataConfig(source="mnist5k", num_classes=7)) == 7
+    assert data.num_classes(DataConfig(source="mnist5k", num_classes=12)) == 12  # spare outputs do no harm
+    # Fewer than the digits' labels 0-9 would fail inside training (the probe's cross-entropy).
+    with pytest.raises(ValueError, match=r"data.num_classes: 7 is below the 10 classes of source 'mnist5k'"):
+        data.num_classes(DataConfig(source="mnist5k", num_classes=7))
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     assert data.num_classes(DataConfig(source="folder", path=str(tmp_path))) == 3
