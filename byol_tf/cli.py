@@ -32,8 +32,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.epochs=3 (repeatable)",
+        help="override a config field, the value read as YAML, e.g. --set train.epochs=3 or "
+        "--set evaluation.l2_sweep=[0,1e-4] (repeatable)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count flag: the flag's own one-line error, before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser):
@@ -92,14 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed a data split with an exported encoder, to Parquet")
     embed.add_argument("--model", required=True, help="an export folder, or a run folder (uses its export/)")
     add_config_arguments(embed)
-    embed.add_argument("--split", choices=["train", "test"], default="test", help="which split of the config's data")
+    embed.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="test",
+        help="which split of the config's data (default %(default)s)",
+    )
     embed.add_argument("--out", required=True, help="the folder to create: _manifest.json and part-*.parquet")
     embed.add_argument(
-        "--batch-size", type=int, default=embed_lib.DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=embed_lib.DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default %(default)s)",
     )
     embed.add_argument(
         "--part-rows",
-        type=int,
+        type=positive_int,
         default=embed_lib.DEFAULT_PART_ROWS,
         help="rows per Parquet file; a rerun after a kill keeps the finished ones (default %(default)s)",
     )
@@ -109,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     neighbours = commands.add_parser("neighbours", help="nearest neighbours of query images in `byol-tf embed` output")
     neighbours.add_argument("--embeddings", required=True, help="a folder written by `byol-tf embed`")
     neighbours.add_argument("--query", required=True, action="append", help="an image file (repeatable: one row each)")
-    neighbours.add_argument("-k", type=int, default=8, help="neighbours per query (default %(default)s)")
+    neighbours.add_argument("-k", type=positive_int, default=8, help="neighbours per query (default %(default)s)")
     neighbours.add_argument("--out", required=True, help="the PNG picture to write: each query, then its neighbours")
     neighbours.add_argument(
         "--index", choices=["exact", "hnsw"], default="exact",

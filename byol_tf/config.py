@@ -2,12 +2,15 @@
 
 A config file is a whole experiment. Every field has a default; a YAML file overrides
 any subset, and `--set section.field=value` on the command line overrides that. Unknown
-keys and out-of-range values raise `ConfigError` (a `ValueError`) naming the field.
+keys (with the closest valid name), keys written twice, values of the wrong type and
+out-of-range values raise `ConfigError` (a `ValueError`) naming the field.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -184,6 +187,11 @@ class DataConfig:
             _fail(f"{prefix}.name", "a TFDS dataset name is required when source is 'tfds'")
         if self.source in ("tfrecord", "folder") and not self.path:
             _fail(f"{prefix}.path", f"a path is required when source is {self.source!r}")
+        if self.eval_split is not None and self.source in ("mnist5k", "digits"):
+            _fail(
+                f"{prefix}.eval_split",
+                f"source {self.source!r} has no named splits; set {prefix}.holdout_examples instead",
+            )
         # No I/O here: whether the path exists is checked where the data is read, so any
         # tf.io.gfile path (gs://, hdfs://) is accepted and a config loads anywhere.
         _check_range(f"{prefix}.holdout_examples", self.holdout_examples, 0, 10**9)
@@ -191,8 +199,11 @@ class DataConfig:
             _check_range(f"{prefix}.num_classes", self.num_classes, 2, 10**6)
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, 10**6)
         _check_range(f"{prefix}.shuffle_buffer", self.shuffle_buffer, 1, 10**8)
-        if self.num_parallel_calls != -1:
-            _check_range(f"{prefix}.num_parallel_calls", self.num_parallel_calls, 1, 1024)
+        if self.num_parallel_calls != -1 and not 1 <= self.num_parallel_calls <= 1024:
+            _fail(
+                f"{prefix}.num_parallel_calls",
+                f"{self.num_parallel_calls!r} is outside the allowed range [1, 1024] (or -1: tf.data.AUTOTUNE)",
+            )
         if self.max_examples is not None:
             _check_range(f"{prefix}.max_examples", self.max_examples, 1, 10**10)
         for name in ("image_key", "label_key", "check_cache_dir"):
@@ -529,6 +540,13 @@ class Config:
     def validate(self):
         for field in dataclasses.fields(self):
             getattr(self, field.name).validate(field.name)
+        # The replica count is known only at run time (byol_tf.training checks it there).
+        accumulation = self.train.gradient_accumulation_steps
+        if self.data.batch_size % accumulation:
+            _fail(
+                "train.gradient_accumulation_steps",
+                f"{accumulation} does not divide data.batch_size {self.data.batch_size} into equal micro-batches",
+            )
         vertex = self.vertex_training
         if vertex.enabled and vertex.replica_count > 1 and self.distribute.strategy != "multi_worker":
             _fail(
@@ -614,32 +632,77 @@ def load(path: str, overrides: Sequence[str] = ()) -> Config:
     Raises:
         ConfigError: the file is missing or malformed, or a field is invalid.
     """
+    if fileio.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder, not a YAML file")
     if not fileio.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     try:
-        raw = yaml.safe_load(fileio.read_text(path))
+        text = fileio.read_text(path)
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+        ) from None
+    try:
+        raw = _parse_yaml(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(error)}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections, not a {type(raw).__name__}")
     return from_dict(apply_overrides(raw or {}, overrides))
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Returns a copy of `raw` with each `dotted.key=value` override set."""
+    """Returns a copy of `raw` with each `dotted.key=value` override set (the value parsed as YAML)."""
     result = _deep_copy(raw)
     for override in overrides:
         key, sep, text = override.partition("=")
-        if not sep or not key:
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
             raise ConfigError(f"override {override!r} must look like section.field=value")
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         node = result
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(text)
+        try:
+            node[leaf] = _parse_yaml(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: {text!r} is not a YAML value ({_yaml_problem(error)})") from None
     return result
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the base class refuses it, saying why
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice in one mapping", problem_mark=key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where and what, without PyYAML's multi-line excerpt of the text."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(problem.split())
 
 
 def save(config: Config, path: str):
@@ -663,14 +726,21 @@ def _build(cls, raw, prefix: str, base=None):
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            _fail(path, f"unknown key (allowed: {', '.join(fields)})")
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            suggestion = f", did you mean {close[0]!r}?" if close else ""
+            _fail(path, f"unknown key{suggestion} (allowed: {', '.join(fields)})")
         if dataclasses.is_dataclass(hints[key]):
-            # A partial section keeps the field's own defaults (view2 is not view1).
+            # A partial section keeps the field's own defaults (view2 is not view1); an
+            # empty one (`train:` with every line commented out) keeps them all.
             default = fields[key].default_factory()
-            values[key] = _build(hints[key], value, path, base=default)
+            values[key] = _build(hints[key], {} if value is None else value, path, base=default)
         else:
             values[key] = _coerce(path, hints[key], value)
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+# A float as YAML 1.2 writes it; PyYAML (YAML 1.1) wants a dot and a signed exponent.
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 def _coerce(path: str, hint, value):
@@ -704,11 +774,17 @@ def _coerce(path: str, hint, value):
             _fail(path, f"expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            return float(value)  # `1e-3`: a number in YAML 1.2, a string to PyYAML's YAML 1.1
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            _fail(path, f"expected a string, got {value!r}")
+            # A scalar meant as text that YAML read as a boolean, a number or a date.
+            advice = "" if value is None or isinstance(value, (list, dict)) else ": put the value in quotes"
+            if isinstance(value, bool):
+                advice += " (unquoted, YAML reads yes, no, on and off as booleans)"
+            _fail(path, f"expected a string, got {value!r}{advice}")
         return value
     raise TypeError(f"{path}: unsupported field type {hint!r}")  # a bug in this module, not in the YAML

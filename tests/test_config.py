@@ -239,3 +239,173 @@ def test_json_round_trip_is_canonical():
     assert data_only.data == cfg.data and data_only.train == config.TrainConfig()
     with pytest.raises(config.ConfigError, match="unknown sections"):
         config.to_json(cfg, sections=("data", "dat"))
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"trian": {}}, "trian: unknown key, did you mean 'train'? (allowed: data, augment, network,"),
+        ({"train": {"epoch": 3}}, "train.epoch: unknown key, did you mean 'epochs'? (allowed: epochs, steps_per"),
+        (
+            {"augment": {"view1": {"flip_prop": 0.1}}},
+            "augment.view1.flip_prop: unknown key, did you mean 'flip_prob'? (allowed: crop_scale,",
+        ),
+        ({"data": {"zzz": 1}}, "data.zzz: unknown key (allowed: source, name, path,"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_field_at_every_level(raw, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.from_dict(raw)
+    assert str(error.value).startswith(message)
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+def test_yaml_1_2_floats_are_numbers(tmp_path):
+    # PyYAML reads YAML 1.1, where `1e-6` (no point, unsigned exponent) is a string.
+    path = write(
+        tmp_path, "optimizer:\n  weight_decay: 1e-6\n  base_learning_rate: 3E+1\nevaluation:\n  l2_sweep: [0, 1e-4]\n"
+    )
+    cfg = config.load(path, ["optimizer.momentum=.5", "augment.view1.crop_scale=[8e-2, 1]"])
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.base_learning_rate, cfg.optimizer.momentum) == (1e-6, 30.0, 0.5)
+    assert type(cfg.optimizer.weight_decay) is float and cfg.evaluation.l2_sweep == (0.0, 1e-4)
+    assert cfg.augment.view1.crop_scale == (0.08, 1.0)
+    # What `byol-tf eval --label-fraction 0.00001` writes (Python's repr of a list of floats).
+    fractions = config.load(path, [f"evaluation.finetune_label_fractions={[1e-05, 0.1]}"]).evaluation
+    assert fractions.finetune_label_fractions == (1e-05, 0.1)
+    for text in ("1e", "e-3", "1e-3x", "nan", "1_0"):
+        with pytest.raises(config.ConfigError, match=rf"^optimizer\.weight_decay: expected a number, got '{text}'$"):
+            config.from_dict({"optimizer": {"weight_decay": text}})
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("check_cache_dir: yes", "data.check_cache_dir: expected a string, got True: put the value in quotes "
+         "(unquoted, YAML reads yes, no, on and off as booleans)"),
+        ("image_key: off", "data.image_key: expected a string, got False: put the value in quotes "
+         "(unquoted, YAML reads yes, no, on and off as booleans)"),
+        ("train_split: 2024-01-01", "data.train_split: expected a string, got datetime.date(2024, 1, 1): "
+         "put the value in quotes"),
+        ("train_split: 123", "data.train_split: expected a string, got 123: put the value in quotes"),
+    ],
+)
+def test_a_string_field_read_as_another_yaml_type_says_to_quote_it(tmp_path, line, message):
+    path = write(tmp_path, f"data:\n  source: tfrecord\n  path: x\n  {line}\n")
+    with pytest.raises(config.ConfigError) as error:
+        config.load(path)
+    assert str(error.value) == message
+    key, value = line.split(": ")
+    quoted = write(tmp_path, f"data:\n  source: tfrecord\n  path: x\n  {key}: '{value}'\n", name="quoted.yaml")
+    assert getattr(config.load(quoted).data, key) == value
+
+
+def test_an_empty_section_keeps_its_defaults(tmp_path):
+    path = write(tmp_path, "train:\n  # epochs: 3\naugment:\n  view2:\n")
+    cfg = config.load(path)
+    assert cfg.train == config.TrainConfig() and cfg.augment.view2 == config.AugmentConfig().view2
+    assert config.load(path, ["train.epochs=3"]).train.epochs == 3
+
+
+def test_file_problems_are_one_line_naming_the_file(tmp_path):
+    cases = {
+        "train:\n  epochs: 3\n  epochs: 4\n": "is not valid YAML: line 3, column 3: key 'epochs' appears twice in one "
+        "mapping",
+        "train:\n\tepochs: 3\n": "is not valid YAML: line 2, column 1: found character '\\t' that cannot start any "
+        "token",
+        b"train:\n  run_dir: \xff\n": "is not UTF-8 text (byte 0xff at offset 18)",
+        "- train\n- data\n": "must hold a mapping of sections, not a list",
+    }
+    for text, message in cases.items():
+        path = write(tmp_path, text)
+        with pytest.raises(config.ConfigError) as error:
+            config.load(path)
+        assert str(error.value) == f"config file {path!r} {message}"
+    with pytest.raises(config.ConfigError, match=rf"^config file '{tmp_path}' is a folder, not a YAML file$"):
+        config.load(str(tmp_path))
+    # The same key in two different sections is fine.
+    assert config.load(write(tmp_path, "data:\n  seed: 1\ntrain:\n  seed: 2\n")).train.seed == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("evaluation.l2_sweep=[0.1", "evaluation.l2_sweep: '[0.1' is not a YAML value (line 1, column 5: "
+         "expected ',' or ']', but got '<stream end>')"),
+        ("train..epochs=3", "override 'train..epochs=3' must look like section.field=value"),
+        (" =3", "override ' =3' must look like section.field=value"),
+        ("train.epochs.x=3", "train.epochs.x: 'epochs' is not a section"),
+    ],
+)
+def test_bad_overrides_are_config_errors(override, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(preset("smoke"), ["train.epochs=2", override])
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"data": {"batch_size": 32}, "train": {"gradient_accumulation_steps": 5}},
+            "train.gradient_accumulation_steps: 5 does not divide data.batch_size 32 into equal micro-batches",
+        ),
+        (
+            {"data": {"source": "mnist5k", "eval_split": "test"}},
+            "data.eval_split: source 'mnist5k' has no named splits; set data.holdout_examples instead",
+        ),
+        (
+            {"data": {"num_parallel_calls": 0}},
+            "data.num_parallel_calls: 0 is outside the allowed range [1, 1024] (or -1: tf.data.AUTOTUNE)",
+        ),
+    ],
+)
+def test_settings_inconsistent_together_fail_at_load(raw, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.from_dict(raw)
+    assert str(error.value) == message
+    assert config.from_dict({"data": {"batch_size": 32}, "train": {"gradient_accumulation_steps": 4}})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["embed", "--model", "m", "--config", "c", "--out", "o", "--batch-size", "0"],
+         "byol-tf embed: error: argument --batch-size: expected a positive integer, got 0"),
+        (["embed", "--model", "m", "--config", "c", "--out", "o", "--part-rows", "many"],
+         "byol-tf embed: error: argument --part-rows: expected a positive integer, got 'many'"),
+        (["neighbours", "--embeddings", "e", "--query", "q", "--out", "o", "-k", "-1"],
+         "byol-tf neighbours: error: argument -k: expected a positive integer, got -1"),
+    ],
+)
+def test_cli_count_flags_must_be_positive(argv, message, capsys):
+    from byol_tf import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+def test_every_help_works_without_importing_tensorflow():
+    script = """
+import sys
+from byol_tf import cli
+from byol_tfx.pipeline import cli as pipeline_cli
+for parser, commands in ((cli.build_parser(), ["", "train", "eval", "export", "embed", "neighbours"]),
+                         (pipeline_cli.build_parser(), ["", "run", "compile"])):
+    for command in commands:
+        try:
+            parser.parse_args([command, "--help"] if command else ["--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0, command
+print("tensorflow" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "which split of the config's data (default test)" in " ".join(out.stdout.split())
+    assert out.stdout.splitlines()[-1] == "False"
