@@ -12,15 +12,20 @@ An export folder holds:
 Signatures (outputs are float32 dicts {"embedding": L2-normalised [B, d],
 "representation": raw [B, d]}):
 
-    serving_default(image_bytes: tf.string [B])  JPEG / PNG / GIF / BMP bytes of any size,
-        grayscale or RGBA; each image is decoded to RGB and centre-cropped / resized in the
-        graph exactly as in evaluation (`augment.center_crop_resize`). Bytes that are not
+    serving_default(image_bytes: tf.string [B])  JPEG / PNG / GIF / BMP / WebP bytes of any
+        size, grayscale or RGBA; each image is decoded to RGB and centre-cropped / resized in
+        the graph exactly as in evaluation (`augment.center_crop_resize`). Bytes that are not
         an image fail the call with an InvalidArgumentError naming the batch index.
     embed_images(images: float32 [B, S, S, 3] in [0, 1])  already preprocessed images.
+        Another shape, or values far outside [0, 1] (0-255 pixels, mean / std-standardised
+        images), fail the call with an InvalidArgumentError naming `images`.
+
+An empty batch (B = 0) is answered with empty [0, d] outputs.
 
 The loaded object itself is callable, as TF-Hub-style loaders expect:
 `tf.saved_model.load(export_dir)(images)` takes float32 [B, S, S, 3] images in [0, 1] and
-returns the representation [B, d] (a tensor, not a dict).
+returns the representation [B, d] (a tensor, not a dict), with the range check of
+`embed_images`.
 
 How the export is served:
 
@@ -71,6 +76,9 @@ _WARMUP_IMAGES = ((24, 32, 3, "png"), (40, 30, 3, "jpeg"), (20, 20, 1, "png"))
 # Signatures of the formats the decoder reads (`checks.IMAGE_SIGNATURES`); checked first so
 # that a batch with a non-image fails with a message that names the offending element.
 _IMAGE_PREFIXES = tuple(signature for signature, _ in checks.IMAGE_SIGNATURES)
+# How far outside [0, 1] an `images` value may be: resampling (bicubic, Lanczos) overshoots
+# a little, while 0-255 pixels and standardised images (about -2 to 2.6) go well past it.
+_IMAGES_RANGE_SLACK = 0.5
 
 
 class EncoderModule(tf.Module):
@@ -93,10 +101,43 @@ class EncoderModule(tf.Module):
         # TF-Hub's convention for a reusable SavedModel: the loaded object is callable and
         # returns the feature vector itself. Saved as an attribute, so `loaded(images)`
         # works after `tf.saved_model.load`.
-        self.__call__ = tf.function(self._representation, input_signature=[images_spec])
+        self.__call__ = tf.function(self._call, input_signature=[images_spec])
+
+    def _call(self, images):
+        return self._representation(self._checked_images(images))
 
     def _representation(self, images):
-        return tf.cast(self.encoder(images, training=False), tf.float32)
+        dimension = self.encoder.output_shape[-1]
+        # On CPU, Conv2D gives an empty batch a wrong shape and the next layer fails
+        # ("Incompatible shapes"); an empty request gets no rows instead.
+        return tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: tf.cast(self.encoder(images, training=False), tf.float32),
+            lambda: tf.zeros([0, dimension], tf.float32),
+        )
+
+    def _checked_images(self, images):
+        """`images`, after asserting the [B, S, S, 3] shape and [0, 1] range they promise.
+
+        A signature loaded from a SavedModel (and TF Serving) does not check the shape it
+        declares, and the encoder maps any size, any channel count or 0-255 pixels to
+        features without an error: wrong features, silently, without these checks.
+        """
+        size = self.image_size
+        shape_message = tf.strings.format(
+            "images: expected float32 [B, {}, {}, 3] in [0, 1], got shape {}", (size, size, tf.shape(images))
+        )
+        check_shape = tf.debugging.Assert(_has_shape(images, [None, size, size, 3]), [shape_message])
+        with tf.control_dependencies([check_shape]):
+            low, high = tf.reduce_min(images), tf.reduce_max(images)
+            in_range = tf.logical_and(low >= -_IMAGES_RANGE_SLACK, high <= 1.0 + _IMAGES_RANGE_SLACK)
+            in_range = tf.logical_or(tf.equal(tf.size(images), 0), in_range)
+            range_message = tf.strings.format(
+                "images: expected values in [0, 1] (uint8 pixels / 255), got values from {} to {}", (low, high)
+            )
+            check_range = tf.debugging.Assert(in_range, [range_message])
+        with tf.control_dependencies([check_range]):
+            return tf.identity(images)
 
     def _outputs(self, images):
         representation = self._representation(images)
@@ -107,9 +148,14 @@ class EncoderModule(tf.Module):
         }
 
     def _embed_images(self, images):
-        return self._outputs(images)
+        return self._outputs(self._checked_images(images))
 
     def _serve_bytes(self, image_bytes):
+        rank_message = tf.strings.format(
+            "image_bytes: expected a batch (a list) of encoded images, got shape {}", tf.shape(image_bytes)
+        )
+        with tf.control_dependencies([tf.debugging.Assert(_has_shape(image_bytes, [None]), [rank_message])]):
+            image_bytes = tf.identity(image_bytes)
         images = tf.map_fn(
             self._decode,
             (image_bytes, tf.range(tf.shape(image_bytes)[0])),
@@ -120,17 +166,32 @@ class EncoderModule(tf.Module):
     def _decode(self, element):
         encoded, index = element
         head = tf.strings.substr(encoded, 0, 4)
+        # RIFF....WEBP, as `checks.image_format`; padded, since substr fails past the end.
+        padded = tf.strings.join([tf.strings.substr(encoded, 0, 12), b"\0" * 12])
+        is_webp = tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
         is_image = tf.reduce_any(
-            [tf.equal(tf.strings.substr(encoded, 0, len(prefix)), prefix) for prefix in _IMAGE_PREFIXES]
+            [tf.equal(tf.strings.substr(encoded, 0, len(prefix)), prefix) for prefix in _IMAGE_PREFIXES] + [is_webp]
         )
         # The first bytes tell e.g. base64 text ("/9j/") apart from raw JPEG bytes.
         message = tf.strings.format(
-            "image_bytes[{}] is not a JPEG, PNG, GIF or BMP image (it starts with {})", (index, head)
+            "image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image (it starts with {})", (index, head)
         )
         check = tf.debugging.Assert(is_image, [message])
         with tf.control_dependencies([check]):
             image = checks.decode_image(encoded)  # the decoder of training and evaluation
         return augment.center_crop_resize(image, self.image_size)
+
+
+def _has_shape(tensor, dims) -> tf.Tensor:
+    """Whether `tensor`'s run-time shape is `dims` (None: any size), a scalar bool tensor.
+
+    Compares the shape padded with -1s, not `tf.rank`: Grappler folds the rank to the one a
+    signature declares, and a loaded signature does not check that its input has it.
+    """
+    padded = tf.concat([tf.shape(tensor), tf.fill([len(dims) + 1], -1)], 0)[: len(dims) + 1]
+    known = tf.constant([size is not None for size in dims] + [True])
+    expected = tf.constant([-1 if size is None else size for size in dims] + [-1])
+    return tf.reduce_all(tf.where(known, tf.equal(padded, expected), padded >= 0))
 
 
 def warmup_images() -> list[bytes]:

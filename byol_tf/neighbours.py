@@ -299,19 +299,34 @@ def neighbours_picture(directory: str, query_paths: Sequence[str], k: int = 8, *
         (the `PIL.Image.Image`, the `Neighbours`).
 
     Raises:
-        ValueError: a query file does not exist, or a bad folder / index / k.
+        ValueError: a query file does not exist or is not an image the decoder reads (the
+            check of training data: empty, not an image, corrupt), or a bad folder / index / k.
     """
-    from byol_tf import data
+    import tensorflow as tf
+
+    from byol_tf import checks, serving, sources
 
     manifest = embed.read_manifest(directory)
+    encoded, decoded = [], []
     for path in query_paths:
         if not fileio.isfile(path):
             raise ValueError(f"query: {path!r} does not exist")
-    encoded = [fileio.read_bytes(path) for path in query_paths]
-    queries = embed.ExportedEncoder(manifest["model"]).embed_bytes(encoded)
+        # Checked here, so that a bad file is one line naming it, not an error of the model.
+        candidate = sources.Candidate("query", 0, path, None, fileio.read_bytes(path))
+        decision = checks.check_candidate(candidate, checks.Rules(labelled=False))
+        if not decision.kept:
+            raise ValueError(f"query: {path!r} is not usable ({decision.reason}: {decision.detail})")
+        encoded.append(decision.candidate.data)
+        decoded.append(decision.pixels)
+    try:
+        queries = embed.ExportedEncoder(manifest["model"]).embed_bytes(encoded)
+    except tf.errors.InvalidArgumentError as error:
+        # A file our decoder reads that the export refuses: e.g. WebP sent to an older export.
+        reason = serving._reason(error.message)
+        raise ValueError(f"query: the model {manifest['model']!r} refused the queries: {reason}") from None
     found = search(directory, queries, k, index=index)
     size = manifest["image_size"]
-    query_images = [as_encoder_input(data.decode_image(item), size) for item in encoded]
+    query_images = [as_encoder_input(image, size) for image in decoded]
     images = thumbnails(manifest, found.rows.reshape(-1), found.keys.reshape(-1))
     per_query = found.rows.shape[1]
     neighbour_images = [images[row * per_query : (row + 1) * per_query] for row in range(len(query_paths))]

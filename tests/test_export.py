@@ -162,7 +162,7 @@ def test_round_trip_in_fresh_process_matches_in_memory_encoder(tmp_path):
         np.testing.assert_allclose(outputs["serve_representation"], served, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(outputs["serve_embedding"], axis=1), 1.0, atol=1e-5)
 
-        assert "image_bytes[1] is not a JPEG, PNG, GIF or BMP image" in info["error"]
+        assert "image_bytes[1] is not a JPEG, PNG, GIF, BMP or WebP image" in info["error"]
         np.testing.assert_allclose(outputs["again_representation"], served[:2], atol=1e-5)
 
 
@@ -195,6 +195,56 @@ def test_bad_bytes_fail_clearly_in_process(tmp_path):
     with pytest.raises(tf.errors.InvalidArgumentError, match="(?i)png"):
         serve(image_bytes=tf.constant([encoded[0][:40]]))  # a truncated PNG
     assert serve(image_bytes=tf.constant(encoded))["embedding"].shape == (len(encoded), 4)
+
+
+def test_webp_bytes_are_served_as_pil_decodes_them(tmp_path):
+    # The training data checks and decoder take WebP; the serving signature must too.
+    encoder = _tiny_encoder()
+    export_dir = export.export_encoder(encoder, str(tmp_path / "out"), SIZE)
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    pixels = np.random.default_rng(3).integers(0, 256, size=(21, 30, 3), dtype=np.uint8)
+    encoded = _encode(pixels, "WEBP", lossless=True)
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, pixels)
+    served = serve(image_bytes=tf.constant([_request()[0][0], encoded]))["representation"].numpy()
+    np.testing.assert_allclose(served[1:], _in_memory(encoder, [pixels]), atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[0\] is not a JPEG.*RIFF"):
+        serve(image_bytes=tf.constant([b"RIFF\0\0\0\0WAVEfmt "]))  # RIFF, but audio
+
+
+def test_images_of_another_shape_or_range_fail_naming_the_input(tmp_path):
+    encoder = _tiny_encoder()
+    model = tf.saved_model.load(export.export_encoder(encoder, str(tmp_path / "out"), SIZE))
+    embed_images = model.signatures["embed_images"]
+    images = np.random.default_rng(4).uniform(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    # A signature does not check the shape it declares, and a pooling encoder embeds any size.
+    for bad in (images[..., :1], np.zeros((2, SIZE + 4, SIZE + 4, 3), np.float32), images[0]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"images: expected float32 \[B, {SIZE}, {SIZE}, 3\]"):
+            embed_images(images=tf.constant(bad))
+    for bad in (images * 255.0, (images - 0.45) / 0.225):  # 0-255 pixels; mean / std standardised
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected values in \[0, 1\]"):
+            embed_images(images=tf.constant(bad))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected values in \[0, 1\]"):
+            model(tf.constant(bad))
+    # A little resampling overshoot is no mistake: embedded as given.
+    overshoot = np.clip(images * 1.4 - 0.2, -0.2, 1.2).astype(np.float32)
+    expected = keras.ops.convert_to_numpy(encoder(overshoot, training=False))
+    np.testing.assert_allclose(embed_images(images=tf.constant(overshoot))["representation"], expected, atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes: expected a batch"):
+        model.signatures["serving_default"](image_bytes=tf.constant(_request()[0][0]))
+
+
+def test_an_empty_batch_is_answered_with_empty_outputs(tmp_path):
+    model = tf.saved_model.load(export.export_encoder(_tiny_encoder(), str(tmp_path / "out"), SIZE))
+    outputs = [
+        model.signatures["serving_default"](image_bytes=tf.zeros([0], tf.string)),
+        model.signatures["embed_images"](images=tf.zeros([0, SIZE, SIZE, 3])),
+    ]
+    for answer in outputs:
+        assert {name: tuple(value.shape) for name, value in answer.items()} == {
+            "embedding": (0, 4), "representation": (0, 4)
+        }
+    assert tuple(model(tf.zeros([0, SIZE, SIZE, 3])).shape) == (0, 4)
 
 
 def test_export_is_atomic_when_writing_fails(tmp_path, monkeypatch):

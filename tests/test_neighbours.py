@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from fixtures import exports
 from fixtures import images as fx
 from PIL import Image
@@ -185,6 +186,53 @@ def test_cli_neighbours_bad_query_is_one_line(small_mnist, tmp_path, capsys):
     code = cli.main(["neighbours", "--embeddings", directory, "--query", str(tmp_path / "no.png"), "--out", "x.png"])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"byol-tf neighbours: error: query: '{tmp_path / 'no.png'}' does not exist"
+
+
+def test_cli_neighbours_query_that_is_not_an_image_is_one_line(small_mnist, tmp_path, capsys):
+    _, directory = small_mnist
+    bad = {
+        "notes.png": (b"not an image\n", "not_an_image"),
+        "empty.png": (b"", "empty_file"),
+        "truncated.jpg": (fx.truncated(fx.jpeg(1, (32, 32, 3))), "corrupt_image: JPEG"),
+    }
+    good = fx.write(str(tmp_path / "good.png"), fx.png(0))
+    for name, (contents, reason) in bad.items():
+        path = fx.write(str(tmp_path / name), contents)
+        code = cli.main(["neighbours", "--embeddings", directory, "--query", good, "--query", path, "--out", "x.png"])
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"byol-tf neighbours: error: query: '{path}' is not usable ({reason}") and "\n" not in err
+
+
+class _OlderExport(tf.Module):
+    """An export from before WebP was served: its serving signature refuses RIFF bytes."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(self, image_bytes):
+        riff = tf.reduce_any(tf.equal(tf.strings.substr(image_bytes, 0, 4), b"RIFF"))
+        with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(riff), ["image_bytes[0] is not a JPEG"])]):
+            return self.embed(tf.zeros([tf.size(image_bytes), 8, 8, 3]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="images")])
+    def embed(self, images):
+        features = tf.reduce_mean(images, axis=[1, 2]) + 1.0
+        return {"embedding": features, "representation": features}
+
+
+def test_cli_neighbours_query_the_model_refuses_is_one_line(tmp_path, rng, capsys):
+    module = _OlderExport()
+    model = str(tmp_path / "older")
+    tf.saved_model.save(module, model, signatures={"serving_default": module.serve, "embed_images": module.embed})
+    directory = write_folder(str(tmp_path / "emb"), rng.normal(size=(5, 3)).astype(np.float32), np.arange(5), 5)
+    manifest = embed.read_manifest(directory)
+    embed.fileio.write_json(os.path.join(directory, embed.MANIFEST_FILE), {**manifest, "model": model})
+    query = str(tmp_path / "query.webp")
+    Image.fromarray(fx.pixels(0)).save(query, lossless=True)  # a file our decoder reads
+    code = cli.main(["neighbours", "--embeddings", directory, "--query", query, "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"byol-tf neighbours: error: query: the model '{model}' refused the queries: ") and "\n" not in err
+    assert "image_bytes[0] is not a JPEG" in err
 
 
 # ------------------------------------------------------------------ BYOL against random init
