@@ -83,10 +83,11 @@ def threads_per_core(cpuinfo: str | None = None) -> int | None:
 
 def machine() -> dict:
     """Facts about the machine a result came from, for RESULTS.md."""
+    cpuinfo = _cpuinfo()
     return {
         "cpu": cpu_model(),
-        "instruction_sets": instruction_sets(),
-        "threads_per_core": threads_per_core(),
+        "instruction_sets": instruction_sets(cpuinfo),
+        "threads_per_core": threads_per_core(cpuinfo),
         "nproc": usable_cores(),
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),

@@ -693,6 +693,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Floats as YAML 1.2 writes them (`1e-3`, `3E+1`): PyYAML's YAML 1.1 wants a dot and a signed
+# exponent, and reads these as strings. Every YAML value of a config (file, `--set`) is read
+# by this loader, so they are numbers wherever a float is accepted.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def _parse_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
@@ -739,10 +749,6 @@ def _build(cls, raw, prefix: str, base=None):
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
-# A float as YAML 1.2 writes it; PyYAML (YAML 1.1) wants a dot and a signed exponent.
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-
-
 def _coerce(path: str, hint, value):
     """Converts a YAML value to the field's declared type, or fails naming the field."""
     origin = typing.get_origin(hint)
@@ -774,8 +780,6 @@ def _coerce(path: str, hint, value):
             _fail(path, f"expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
-            return float(value)  # `1e-3`: a number in YAML 1.2, a string to PyYAML's YAML 1.1
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
         return float(value)

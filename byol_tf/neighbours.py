@@ -322,7 +322,7 @@ def neighbours_picture(directory: str, query_paths: Sequence[str], k: int = 8, *
         queries = embed.ExportedEncoder(manifest["model"]).embed_bytes(encoded)
     except tf.errors.InvalidArgumentError as error:
         # A file our decoder reads that the export refuses: e.g. WebP sent to an older export.
-        reason = serving._reason(error.message)
+        reason = serving.error_reason(error.message)
         raise ValueError(f"query: the model {manifest['model']!r} refused the queries: {reason}") from None
     found = search(directory, queries, k, index=index)
     size = manifest["image_size"]

@@ -108,7 +108,7 @@ def read_warmup_requests(export_dir: str) -> list:
             except proto_message.DecodeError:
                 raise ValueError(f"{path}: record {index} is not a PredictionLog proto") from None
     except tf.errors.OpError as error:
-        raise ValueError(f"{path}: not a TFRecord file of PredictionLog protos ({_reason(error.message)})") from None
+        raise ValueError(f"{path}: not a TFRecord file of PredictionLog protos ({error_reason(error.message)})") from None
     return records
 
 
@@ -252,7 +252,7 @@ def _describe_signature(function) -> dict[str, dict[str, list | None]]:
 _TRACE_PREFIXES = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[", "File ")
 
 
-def _reason(text: str) -> str:
+def error_reason(text: str) -> str:
     """The line of an error message that says what went wrong, without TensorFlow's trace."""
     text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]( name:.*)?", "", str(text))
     lines = [line.strip() for line in text.splitlines()]
@@ -265,7 +265,7 @@ def _describe(error: BaseException) -> str:
     import tensorflow as tf
 
     text = error.message if isinstance(error, tf.errors.OpError) else str(error)
-    return f"{type(error).__name__}: {_reason(text)}"[:500]
+    return f"{type(error).__name__}: {error_reason(text)}"[:500]
 
 
 def check_in_fresh_process(export_dir: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ServingReport:
